@@ -1,0 +1,220 @@
+"""The LPT tuner layer: an attention module that also attends to prompts given as extra keys and values."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Callable
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .config import LPTConfig
+
+_SUPPORTED_ATTENTION = ("eager", "sdpa")
+
+
+def _trunc_normal(shape: tuple[int, ...], std: float) -> torch.Tensor:
+    tensor = torch.empty(shape)
+    nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)
+    return tensor
+
+
+class LPTLayer(BaseTunerLayer):
+    """Bookkeeping shared by LPT tuner layers: which attributes hold adapter weights."""
+
+    adapter_layer_names = ("lpt_shared_prompt", "lpt_group_prompt")
+    other_param_names = ()
+
+
+class LPTAttention(nn.Module, LPTLayer):
+    """Wraps one attention module of a ViT so that prompts join its keys and values.
+
+    A prompt token that enters a pre-norm layer and whose output is dropped afterwards (VPT-deep) changes the other
+    tokens only through attention, as one more key `k_proj(LN(p))` and value `v_proj(LN(p))`, where LN is the layer's
+    pre-attention norm. Computing just those is exact and cheaper than running the prompts through the whole block.
+
+    Per adapter, the layer holds its shared prompts `lpt_shared_prompt[name]` of shape `(prompt_length, hidden)` and,
+    for layers after `shared_layers`, its slice of the group pool `lpt_group_prompt[name]` of shape
+    `(num_groups, group_prompt_length, hidden)`. Which groups an image uses is decided by [`LPTModel`], which passes
+    `lpt_group_indices` of shape `(batch, top_k)` through the layer call.
+
+    Args:
+        base_layer: The attention module being wrapped (e.g. `ViTAttention`).
+        norm: The pre-attention norm of the enclosing transformer layer. Kept as a reference only, so that it is
+            neither saved with the adapter nor counted twice.
+        layer_idx: 0-based index of the transformer layer.
+        adapter_name: Name of the first adapter.
+        config: Its [`LPTConfig`].
+        key_attr / value_attr: Attribute names of the key and value projections on `base_layer`.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        norm: nn.Module,
+        layer_idx: int,
+        adapter_name: str,
+        config: LPTConfig,
+        key_attr: str = "k_proj",
+        value_attr: str = "v_proj",
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self._norm = (norm,)
+        self.layer_idx = layer_idx
+        self.key_attr = key_attr
+        self.value_attr = value_attr
+        self.lpt_shared_prompt = nn.ParameterDict()
+        self.lpt_group_prompt = nn.ParameterDict()
+        self.frozen_peft_weight_names = {}
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    @property
+    def norm(self) -> nn.Module:
+        return self._norm[0]
+
+    def update_layer(self, adapter_name: str, config: LPTConfig) -> None:
+        """Create the prompts of `adapter_name` for this layer."""
+        hidden = config.hidden_size
+        device, dtype = self._base_device_and_dtype()
+        self.lpt_shared_prompt[adapter_name] = nn.Parameter(
+            _trunc_normal((config.prompt_length, hidden), config.prompt_init_std).to(device=device, dtype=dtype)
+        )
+        if self.layer_idx >= config.shared_layers:
+            shape = (config.num_groups, config.group_prompt_length, hidden)
+            self.lpt_group_prompt[adapter_name] = nn.Parameter(
+                _trunc_normal(shape, config.prompt_init_std).to(device=device, dtype=dtype)
+            )
+        self.set_phase(adapter_name, config.phase)
+
+    def _base_device_and_dtype(self) -> tuple[torch.device, torch.dtype]:
+        weight = getattr(self.base_layer, self.key_attr).weight
+        # Prompts stay in float32 under a half-precision backbone, as peft keeps adapter weights (autocast handles it).
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        return weight.device, dtype
+
+    def set_phase(self, adapter_name: str, phase: int) -> None:
+        """Declare which prompts of `adapter_name` train: the shared ones in phase 1, the group pool in phase 2."""
+        frozen = "lpt_group_prompt" if phase == 1 else "lpt_shared_prompt"
+        self.frozen_peft_weight_names[adapter_name] = (frozen,)
+
+    def _active_prompt_adapter(self) -> str | None:
+        active = [name for name in self.active_adapters if name in self.lpt_shared_prompt]
+        if len(active) > 1:
+            raise ValueError(
+                f"LPT runs one adapter at a time, but {active} are active. Call `model.set_adapter(name)` with a "
+                "single adapter name."
+            )
+        return active[0] if active else None
+
+    def _prompt_key_value(self, prompts: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of prompts `(..., P, D)` as `(batch or 1, heads, P, head_dim)`."""
+        normed = self.norm(prompts)
+        if normed.dim() == 2:
+            normed = normed.unsqueeze(0)
+        shape = (*normed.shape[:-1], -1, head_dim)
+        key = getattr(self.base_layer, self.key_attr)(normed).view(shape).transpose(1, 2)
+        value = getattr(self.base_layer, self.value_attr)(normed).view(shape).transpose(1, 2)
+        return key, value
+
+    def group_prompts(self, adapter_name: str, group_indices: torch.Tensor) -> torch.Tensor:
+        """Per-image group prompts `(batch, group_prompt_length, hidden)`: the mean of the selected groups."""
+        return self.lpt_group_prompt[adapter_name][group_indices].mean(dim=1)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        lpt_group_indices: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        base = self.base_layer
+        adapter = None if self.disable_adapters else self._active_prompt_adapter()
+        if adapter is None:
+            return base(hidden_states, attention_mask, **kwargs)
+
+        attn_impl = base.config._attn_implementation
+        if attn_impl not in _SUPPORTED_ATTENTION and not attn_impl.startswith("flash"):
+            raise NotImplementedError(
+                f"LPT does not support attn_implementation={attn_impl!r}: its prompts lengthen the key/value sequence, "
+                "which a flex_attention BlockMask built for the image tokens does not cover. Load the backbone with "
+                "attn_implementation='sdpa' (fast, fused) or 'eager'."
+            )
+
+        input_shape = hidden_states.shape[:-1]
+        batch = input_shape[0]
+        head_dim = base.head_dim
+        hidden_shape = (*input_shape, -1, head_dim)
+        query = base.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = getattr(base, self.key_attr)(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = getattr(base, self.value_attr)(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        dtype = hidden_states.dtype
+        prompt_key, prompt_value = self._prompt_key_value(self.lpt_shared_prompt[adapter].to(dtype), head_dim)
+        keys = [prompt_key.expand(batch, -1, -1, -1)]
+        values = [prompt_value.expand(batch, -1, -1, -1)]
+        if lpt_group_indices is not None and adapter in self.lpt_group_prompt:
+            group_key, group_value = self._prompt_key_value(
+                self.group_prompts(adapter, lpt_group_indices).to(dtype), head_dim
+            )
+            keys.append(group_key)
+            values.append(group_value)
+        num_prompts = sum(k.shape[2] for k in keys)
+        key = torch.cat([*keys, key], dim=2)
+        value = torch.cat([*values, value], dim=2)
+        attention_mask = _pad_attention_mask(attention_mask, num_prompts)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(attn_impl, _eager_attention_of(base))
+        attn_output, attn_weights = attention_interface(
+            base,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not base.training else base.attention_dropout,
+            scaling=base.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return base.o_proj(attn_output), attn_weights
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise NotImplementedError(
+            "LPT prompts cannot be merged into the backbone weights: they are extra keys/values chosen per image, not "
+            "a weight update. Keep the PeftModel for inference, or use `unload()` to get the plain backbone back."
+        )
+
+    def unmerge(self) -> None:
+        warnings.warn("LPT adapters are never merged; nothing to unmerge.")
+
+    def __repr__(self) -> str:
+        return "lpt." + super().__repr__()
+
+
+def _pad_attention_mask(attention_mask, num_prompts: int):
+    """Let every query attend to the prompts, which are prepended to the keys."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise NotImplementedError(
+            f"LPT cannot extend an attention mask of type {type(attention_mask).__name__} with its prompts. Use "
+            "attn_implementation='sdpa' or 'eager'."
+        )
+    pad_shape = (*attention_mask.shape[:-1], num_prompts)
+    if attention_mask.dtype == torch.bool:
+        pad = torch.ones(pad_shape, dtype=torch.bool, device=attention_mask.device)
+    else:
+        pad = torch.zeros(pad_shape, dtype=attention_mask.dtype, device=attention_mask.device)
+    return torch.cat([pad, attention_mask], dim=-1)
+
+
+def _eager_attention_of(module: nn.Module) -> Callable:
+    """The eager attention function of the module's own modeling file, so each architecture keeps its semantics."""
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        from transformers.models.vit.modeling_vit import eager_attention_forward as eager
+    return eager

@@ -1,0 +1,404 @@
+"""The LPT tuner: injects prompt-aware attention and runs LPT's one- or two-pass forward."""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+from transformers.utils import ModelOutput
+
+from .architectures import LPTArchitecture, get_architecture
+from .config import LPTConfig
+from .layer import _SUPPORTED_ATTENTION, LPTAttention, LPTLayer, _trunc_normal
+
+
+@dataclass
+class LPTOutput(ModelOutput):
+    """Output of an LPT model.
+
+    Args:
+        loss: Cross-entropy of `logit_scale * logits` when `labels` were passed (training scripts use A-GCL instead).
+        logits: `(batch, num_labels)` cosine similarities between the image feature and each class weight, in
+            [-1, 1]; their argmax is the prediction.
+        features: `(batch, hidden)` CLS feature after the final norm, before dropout and the classifier.
+        query: `(batch, hidden)` phase-2 query feature (the phase-1 model's CLS feature; no gradient). None in phase 1.
+        key_similarity: `(batch, num_groups)` cosine similarity of the query to each group key. None in phase 1.
+        group_indices: `(batch, top_k)` indices of the selected prompt groups. None in phase 1.
+        match_score: scalar, the batch mean of the summed similarities of the selected keys (the matching term of
+            the phase-2 loss; keys get gradient only from it). None in phase 1.
+        hidden_states: hidden states of the main pass (embeddings, then each layer) when `output_hidden_states=True`.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    features: torch.Tensor | None = None
+    query: torch.Tensor | None = None
+    key_similarity: torch.Tensor | None = None
+    group_indices: torch.Tensor | None = None
+    match_score: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+def cosine_logits(features: torch.Tensor, class_weight: torch.Tensor) -> torch.Tensor:
+    """Cosine classifier: `normalize(features) @ normalize(class_weight, dim=0)`, class weight `(hidden, classes)`."""
+    return F.normalize(features.float(), dim=-1) @ F.normalize(class_weight.float(), dim=0)
+
+
+class LPTModel(BaseTuner):
+    """Long-tailed Prompt Tuning (Dong et al., ICLR 2023) for Vision Transformers.
+
+    Created by `peft.get_peft_model` from an [`LPTConfig`]; do not instantiate directly. Each layer's attention is
+    wrapped by an [`LPTAttention`] that adds prompts as extra keys and values; the tuner itself holds the group keys
+    `lpt_keys[name]` `(num_groups, hidden)` and the cosine classifier `lpt_head[name]` `(hidden, num_labels)`, so both
+    are saved with the adapter. The base model's forward is replaced by LPT's forward while the adapter is attached:
+
+    - phase 1: all layers with shared prompts -> final norm -> CLS -> dropout -> cosine classifier;
+    - phase 2: layers 1..K once with shared prompts; layers K+1..L without group prompts and without gradient for the
+      query; top-k groups by cosine to the keys; layers K+1..L again from the layer-K state with shared + mean group
+      prompts -> final norm -> CLS -> dropout -> cosine classifier. Layers 1..K are never recomputed.
+
+    Example:
+
+    ```python
+    >>> import torch, lpt_peft
+    >>> from peft import get_peft_model
+    >>> from transformers import ViTConfig, ViTModel
+
+    >>> vit = ViTModel(ViTConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+    ...                          image_size=32, patch_size=8))
+    >>> model = get_peft_model(vit, lpt_peft.LPTConfig(num_labels=5, shared_layers=2, num_groups=4))
+    >>> model(pixel_values=torch.randn(2, 3, 32, 32)).logits.shape
+    torch.Size([2, 5])
+    >>> model.base_model.set_phase(2)
+    >>> model(pixel_values=torch.randn(2, 3, 32, 32)).group_indices.shape
+    torch.Size([2, 2])
+    ```
+    """
+
+    prefix: str = "lpt_"
+    tuner_layer_cls = LPTLayer
+    target_module_mapping: dict[str, list[str]] = {}
+    uses_shared_state: bool = True
+    _lpt_enabled: bool = True
+
+    # ------------------------------------------------------------------ injection
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        config = self.peft_config[adapter_name]
+        if not isinstance(config, LPTConfig):
+            raise TypeError(f"LPTModel needs an LPTConfig, got {type(config).__name__}.")
+        architecture = get_architecture(model)
+        self._check_and_complete_config(config, model, architecture)
+        self._add_tuner_weights(adapter_name, config, architecture.encoder(model))
+        try:
+            super().inject_adapter(
+                model,
+                adapter_name,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+                state_dict=state_dict,
+            )
+        except Exception:
+            self._remove_tuner_weights(adapter_name)
+            raise
+        self._install_forward(model)
+        self._update_requires_grad()
+
+    @staticmethod
+    def _check_and_complete_config(config: LPTConfig, model: nn.Module, architecture: LPTArchitecture) -> None:
+        encoder = architecture.encoder(model)
+        num_layers = len(architecture.layers(model))
+        hidden_size = int(encoder.config.hidden_size)
+        built_for = (config.hidden_size, config.num_hidden_layers)
+        if built_for != (None, None) and built_for != (hidden_size, num_layers):
+            raise ValueError(
+                f"This LPT adapter was built for a backbone with hidden_size={config.hidden_size} and "
+                f"{config.num_hidden_layers} layers, but the base model ({type(model).__name__}) has "
+                f"hidden_size={hidden_size} and {num_layers} layers. Load it onto the backbone it was trained on"
+                + (f" ({config.base_model_name_or_path})." if config.base_model_name_or_path else ".")
+            )
+        if config.shared_layers >= num_layers:
+            raise ValueError(
+                f"LPTConfig.shared_layers={config.shared_layers} must be < the number of layers of the backbone "
+                f"({num_layers}); valid range 0..{num_layers - 1}. The paper uses 6 of 12 for ViT-B/16."
+            )
+        attn_impl = getattr(encoder.config, "_attn_implementation", None) or "eager"
+        if attn_impl not in _SUPPORTED_ATTENTION and not attn_impl.startswith("flash"):
+            raise NotImplementedError(
+                f"LPT does not support attn_implementation={attn_impl!r} (a flex_attention BlockMask does not cover "
+                "the prompt keys). Load the backbone with attn_implementation='sdpa' or 'eager'."
+            )
+        config.hidden_size = hidden_size
+        config.num_hidden_layers = num_layers
+        if config.layer_norm_eps is not None:
+            for module in encoder.modules():
+                if isinstance(module, nn.LayerNorm):
+                    module.eps = float(config.layer_norm_eps)
+            encoder.config.layer_norm_eps = float(config.layer_norm_eps)
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(model.config, "_name_or_path", None) or None
+
+    def _add_tuner_weights(self, adapter_name: str, config: LPTConfig, encoder: nn.Module) -> None:
+        if "lpt_keys" not in self._modules:
+            self.lpt_keys = nn.ParameterDict()
+            self.lpt_head = nn.ParameterDict()
+        device = next(encoder.parameters()).device
+        keys = _trunc_normal((config.num_groups, config.hidden_size), config.prompt_init_std)
+        head = torch.randn(config.hidden_size, config.num_labels)
+        head = head / head.norm(dim=0, keepdim=True)  # every class starts as a random unit vector
+        self.lpt_keys[adapter_name] = nn.Parameter(keys.to(device))
+        self.lpt_head[adapter_name] = nn.Parameter(head.to(device))
+
+    def _remove_tuner_weights(self, adapter_name: str) -> None:
+        for name in ("lpt_keys", "lpt_head"):
+            container = self._modules.get(name)
+            if container is not None and adapter_name in container:
+                del container[adapter_name]
+
+    def _prepare_adapter_config(self, peft_config: LPTConfig, model_config: dict) -> LPTConfig:
+        if peft_config.target_modules is None:
+            peft_config.target_modules = get_architecture(self.model).attention_pattern()
+        return peft_config
+
+    def _check_target_module_exists(self, peft_config: LPTConfig, key: str) -> bool:
+        return re.fullmatch(peft_config.target_modules, key) is not None
+
+    def _create_and_replace(
+        self,
+        peft_config: LPTConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        if isinstance(target, LPTAttention):
+            target.update_layer(adapter_name, peft_config)
+            return
+        architecture = get_architecture(self.model)
+        layer_idx = int(re.fullmatch(architecture.attention_pattern(), current_key).group(1))
+        new_module = LPTAttention(
+            target,
+            getattr(parent, architecture.norm_attr),
+            layer_idx,
+            adapter_name,
+            peft_config,
+            key_attr=architecture.key_attr,
+            value_attr=architecture.value_attr,
+        )
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # peft's version assumes Linear-like modules with a `.weight`; attention modules have none.
+        setattr(parent, child_name, new_module)
+
+    def _install_forward(self, model: nn.Module) -> None:
+        if "forward" in model.__dict__:
+            return
+        original = type(model).forward
+
+        # PeftModel calls the base model directly, so LPT's two-pass forward must live on the base model itself.
+        @functools.wraps(original)
+        def forward(*args: Any, **kwargs: Any):
+            return self._forward(*args, **kwargs)
+
+        model.forward = forward
+
+    @staticmethod
+    def _restore_forward(model: nn.Module) -> None:
+        model.__dict__.pop("forward", None)
+
+    # ------------------------------------------------------------------ adapters and phases
+    def _lpt_layers(self) -> list[LPTAttention]:
+        return [module for module in self.model.modules() if isinstance(module, LPTAttention)]
+
+    def _active_lpt_adapter(self) -> str | None:
+        active = [name for name in self.active_adapters if name in self.peft_config]
+        if len(active) > 1:
+            raise ValueError(
+                f"LPT runs one adapter at a time, but {active} are active. Call `model.set_adapter(name)` with a "
+                "single adapter name."
+            )
+        return active[0] if active else None
+
+    def set_phase(self, phase: int, adapter_name: str | None = None) -> None:
+        """Switch an adapter between phase 1 (shared prompts + head train) and phase 2 (group pool, keys + head train).
+
+        The phase is part of the adapter config, so a saved adapter infers in the phase it was saved in.
+
+        Args:
+            phase: 1 or 2.
+            adapter_name: Adapter to switch; defaults to the active one.
+        """
+        if phase not in (1, 2):
+            raise ValueError(f"phase must be 1 or 2, got {phase!r}.")
+        adapter_name = adapter_name or self._active_lpt_adapter()
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"No LPT adapter named {adapter_name!r}; available: {sorted(self.peft_config)}.")
+        self.peft_config[adapter_name].phase = phase
+        for layer in self._lpt_layers():
+            layer.set_phase(adapter_name, phase)
+        self._update_requires_grad()
+
+    def _update_requires_grad(self, inference_mode: bool = False) -> None:
+        """Apply the phase rules: only what the phase trains requires grad, and nothing of inactive adapters."""
+        layers = self._lpt_layers()
+        for name, config in self.peft_config.items():
+            trainable = (
+                self._lpt_enabled and name in self.active_adapters and not (inference_mode or config.inference_mode)
+            )
+            phase_two = config.phase == 2
+            for layer in layers:
+                if name in layer.lpt_shared_prompt:
+                    layer.lpt_shared_prompt[name].requires_grad_(trainable and not phase_two)
+                if name in layer.lpt_group_prompt:
+                    layer.lpt_group_prompt[name].requires_grad_(trainable and phase_two)
+            if name in self.lpt_keys:
+                self.lpt_keys[name].requires_grad_(trainable and phase_two)
+                self.lpt_head[name].requires_grad_(trainable)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        super()._mark_only_adapters_as_trainable(model)
+        self._update_requires_grad()
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        self._update_requires_grad(inference_mode=inference_mode)
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        super()._enable_adapter_layers(enabled)
+        self._lpt_enabled = enabled
+        self._update_requires_grad()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._remove_tuner_weights(adapter_name)
+        self._update_requires_grad()
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
+        if merge:
+            raise NotImplementedError(
+                "LPT prompts cannot be merged into the backbone: they are extra keys/values (and, in phase 2, chosen "
+                "per image), not a weight update. Keep the PeftModel for inference, or call `unload()` to get the "
+                "plain backbone back without the prompts."
+            )
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, LPTAttention):
+                parent_name, _, child_name = name.rpartition(".")
+                setattr(self.model.get_submodule(parent_name), child_name, module.base_layer)
+        self._restore_forward(self.model)
+        if hasattr(self.model, "peft_config"):
+            del self.model.peft_config
+        return self.model
+
+    # ------------------------------------------------------------------ forward
+    def _forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ):
+        model = self.model
+        adapter = self._active_lpt_adapter() if self._lpt_enabled else None
+        if adapter is None:
+            base_kwargs = dict(kwargs)
+            for key, value in (
+                ("labels", labels),
+                ("attention_mask", attention_mask),
+                ("output_hidden_states", output_hidden_states),
+                ("return_dict", return_dict),
+            ):
+                if value is not None:
+                    base_kwargs[key] = value
+            return type(model).forward(model, pixel_values, **base_kwargs)
+
+        if pixel_values is None:
+            raise ValueError("LPT needs `pixel_values` of shape (batch, channels, height, width).")
+        if kwargs.pop("output_attentions", False):
+            raise NotImplementedError("output_attentions is not supported by LPT models; use a forward hook instead.")
+        config: LPTConfig = self.peft_config[adapter]
+        architecture = get_architecture(model)
+        encoder = architecture.encoder(model)
+        layers = architecture.layers(model)
+        final_norm = getattr(encoder, architecture.final_norm_attr)
+        embed_kwargs = {k: kwargs.pop(k) for k in ("interpolate_pos_encoding", "bool_masked_pos") if k in kwargs}
+
+        hidden = architecture.embed(encoder, pixel_values, **embed_kwargs)
+        mask = architecture.make_mask(encoder, hidden, attention_mask)
+        states = [hidden] if output_hidden_states else None
+        num_first = config.shared_layers if config.phase == 2 else len(layers)
+        for layer in layers[:num_first]:
+            hidden = layer(hidden, mask, **kwargs)
+            if states is not None:
+                states.append(hidden)
+
+        query = similarity = group_indices = match_score = None
+        if config.phase == 2:
+            with torch.no_grad():
+                query_hidden = hidden
+                for layer in layers[num_first:]:
+                    query_hidden = layer(query_hidden, mask, **kwargs)
+                query = final_norm(query_hidden)[:, architecture.cls_index]
+            keys = self.lpt_keys[adapter]
+            similarity = F.normalize(query.float(), dim=-1) @ F.normalize(keys.float(), dim=-1).T
+            group_indices = similarity.detach().topk(config.top_k, dim=-1).indices
+            match_score = similarity.gather(1, group_indices).sum(dim=1).mean()
+            for layer in layers[num_first:]:
+                hidden = layer(hidden, mask, lpt_group_indices=group_indices, **kwargs)
+                if states is not None:
+                    states.append(hidden)
+
+        features = final_norm(hidden)[:, architecture.cls_index]
+        dropped = F.dropout(features, p=config.classifier_dropout, training=self.training)
+        logits = cosine_logits(dropped, self.lpt_head[adapter])
+
+        loss = None
+        if labels is not None:
+            check_labels(labels, config.num_labels)
+            loss = F.cross_entropy(config.logit_scale * logits, labels.to(logits.device))
+        output = LPTOutput(
+            loss=loss,
+            logits=logits,
+            features=features,
+            query=query,
+            key_similarity=similarity,
+            group_indices=group_indices,
+            match_score=match_score,
+            hidden_states=tuple(states) if states is not None else None,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+def check_labels(labels: torch.Tensor, num_labels: int) -> None:
+    """Raise a clear error when a label is outside `[0, num_labels)`."""
+    if labels.numel() == 0:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_labels:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"Label {bad} is out of range for num_labels={num_labels} (valid: 0..{num_labels - 1}). Check that the "
+            "data set's label count matches LPTConfig.num_labels."
+        )

@@ -1,0 +1,51 @@
+"""Registers LPT with peft, which has no public hook for methods defined outside its own package.
+
+`peft.utils.register_peft_method` only accepts names already in peft's closed `PeftType` enum, so this module writes
+the same three mapping entries that it would write, keyed by [`LptPeftType.LPT`] (a `str` enum that equals `"LPT"`,
+the value stored in `adapter_config.json`). Importing `lpt_peft` runs it; it is idempotent.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .config import LptPeftType, LPTConfig
+from .model import LPTModel
+
+_MAPPINGS = ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "PEFT_TYPE_TO_PREFIX_MAPPING")
+
+
+def register_lpt() -> None:
+    """Make peft's `get_peft_model`, `PeftModel.from_pretrained` and `PeftConfig.from_pretrained` know "LPT"."""
+    import peft.mapping
+
+    missing = [name for name in _MAPPINGS if not isinstance(getattr(peft.mapping, name, None), dict)]
+    if missing:
+        raise ImportError(
+            f"lpt_peft cannot register with this peft version ({peft.__version__}): peft.mapping has no {missing}. "
+            "Install the supported version: pip install 'peft>=0.21,<0.22'."
+        )
+    peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING[LptPeftType.LPT] = LPTConfig
+    peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING[LptPeftType.LPT] = LPTModel
+    peft.mapping.PEFT_TYPE_TO_PREFIX_MAPPING[LptPeftType.LPT] = LPTModel.prefix
+    _install_model_card_section()
+
+
+def _install_model_card_section() -> None:
+    from peft import PeftModel
+
+    original = PeftModel.create_or_update_model_card
+    if getattr(original, "_lpt_wrapped", False):
+        return
+
+    # peft writes the card from PeftModel, which a tuner cannot extend; add LPT's section only for LPT models.
+    def create_or_update_model_card(self, output_dir: str) -> None:
+        original(self, output_dir)
+        if isinstance(self.base_model, LPTModel):
+            from .model_card import add_lpt_section
+
+            add_lpt_section(self, os.path.join(output_dir, "README.md"))
+
+    create_or_update_model_card._lpt_wrapped = True
+    create_or_update_model_card.__doc__ = original.__doc__
+    PeftModel.create_or_update_model_card = create_or_update_model_card
