@@ -49,3 +49,14 @@ def _install_model_card_section() -> None:
     create_or_update_model_card._lpt_wrapped = True
     create_or_update_model_card.__doc__ = original.__doc__
     PeftModel.create_or_update_model_card = create_or_update_model_card
+
+    # transformers' push_to_hub replaces the README written by save_pretrained with the Hub repo's card (or a blank
+    # template) just before uploading; merge the LPT section back into that card so pushed repos keep it.
+    original_upload = PeftModel._upload_modified_files
+
+    def _upload_modified_files(self, working_dir, *args, **kwargs):
+        if isinstance(self.base_model, LPTModel):
+            self.create_or_update_model_card(working_dir)
+        return original_upload(self, working_dir, *args, **kwargs)
+
+    PeftModel._upload_modified_files = _upload_modified_files
