@@ -4,7 +4,7 @@ Importing this package registers the "LPT" PEFT type with peft; do it before `Pe
 """
 
 from .architectures import ARCHITECTURES, LPTArchitecture, register_architecture
-from .config import LptPeftType, LPTConfig
+from .config import LPTConfig, LptPeftType
 from .layer import LPTAttention
 from .model import LPTModel, LPTOutput, cosine_logits
 from .registration import register_lpt

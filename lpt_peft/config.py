@@ -12,9 +12,9 @@ from peft import PeftConfig
 class LptPeftType(str, enum.Enum):
     """PEFT type of LPT.
 
-    peft's own `PeftType` enum is closed to methods defined outside peft, so LPT carries a `str`-valued enum of its own.
-    A member hashes and compares equal to the string `"LPT"` that `adapter_config.json` stores, which is what peft's
-    mappings are keyed by.
+    peft's own `PeftType` enum is closed to methods defined outside peft, so LPT carries a `str`-valued enum of
+    its own (built like `PeftType`). A member hashes and compares equal to the string `"LPT"` stored in
+    `adapter_config.json`, which is what peft's mappings are keyed by.
     """
 
     LPT = "LPT"
@@ -29,10 +29,10 @@ def _check_positive_int(name: str, value: Any, minimum: int = 1) -> None:
 class LPTConfig(PeftConfig):
     """Configuration of an LPT adapter (Dong et al., "LPT: Long-tailed Prompt Tuning for Image Classification").
 
-    LPT adds to a frozen Vision Transformer (1) shared prompts, attended to as extra keys and values in every layer, and
-    a cosine classifier (phase 1), then (2) a pool of group prompts with matching keys: each image picks the `top_k`
-    groups whose keys are closest to its phase-1 feature and their mean prompts join layers `shared_layers + 1 .. L`
-    (phase 2). Defaults are the paper's.
+    LPT adds to a frozen Vision Transformer (1) shared prompts, attended to as extra keys and values in every
+    layer, and a cosine classifier (phase 1), then (2) a pool of group prompts with matching keys: each image picks
+    the `top_k` groups whose keys are closest to its phase-1 feature, and their mean prompts join layers
+    `shared_layers + 1 .. L` (phase 2). Defaults are the paper's.
 
     Example:
 
@@ -94,7 +94,9 @@ class LPTConfig(PeftConfig):
     id2label: dict[int, str] | None = field(
         default=None, metadata={"help": "Class index -> name, for inference and model cards. Keys 0..num_labels-1."}
     )
-    label2id: dict[str, int] | None = field(default=None, metadata={"help": "Class name -> index (inverse of id2label)."})
+    label2id: dict[str, int] | None = field(
+        default=None, metadata={"help": "Class name -> index (inverse of id2label)."}
+    )
     hidden_size: int | None = field(
         default=None,
         metadata={"help": "Width of the backbone the adapter was built for. Filled in at injection; checked on load."},

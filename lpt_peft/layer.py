@@ -140,9 +140,9 @@ class LPTAttention(nn.Module, LPTLayer):
         attn_impl = base.config._attn_implementation
         if attn_impl not in _SUPPORTED_ATTENTION and not attn_impl.startswith("flash"):
             raise NotImplementedError(
-                f"LPT does not support attn_implementation={attn_impl!r}: its prompts lengthen the key/value sequence, "
-                "which a flex_attention BlockMask built for the image tokens does not cover. Load the backbone with "
-                "attn_implementation='sdpa' (fast, fused) or 'eager'."
+                f"LPT does not support attn_implementation={attn_impl!r}: its prompts lengthen the key/value "
+                "sequence, which a flex_attention BlockMask built for the image tokens does not cover. Load the "
+                "backbone with attn_implementation='sdpa' (fast, fused) or 'eager'."
             )
 
         input_shape = hidden_states.shape[:-1]
@@ -189,7 +189,7 @@ class LPTAttention(nn.Module, LPTLayer):
         )
 
     def unmerge(self) -> None:
-        warnings.warn("LPT adapters are never merged; nothing to unmerge.")
+        warnings.warn("LPT adapters are never merged; nothing to unmerge.", stacklevel=2)
 
     def __repr__(self) -> str:
         return "lpt." + super().__repr__()

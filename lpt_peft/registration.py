@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from .config import LptPeftType, LPTConfig
+from .config import LPTConfig, LptPeftType
 from .model import LPTModel
 
 _MAPPINGS = ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "PEFT_TYPE_TO_PREFIX_MAPPING")

@@ -282,7 +282,9 @@ def test_bad_config_values(kwargs, message):
 
 
 def test_shared_layers_must_be_below_depth(make_vit):
-    with pytest.raises(ValueError, match=re.escape("shared_layers=4 must be < the number of layers of the backbone (4)")):
+    with pytest.raises(
+        ValueError, match=re.escape("shared_layers=4 must be < the number of layers of the backbone (4)")
+    ):
         get_peft_model(make_vit(), LPTConfig(num_labels=3, shared_layers=4))
 
 

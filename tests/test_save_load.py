@@ -140,7 +140,8 @@ def test_push_to_hub_uploads_the_adapter(trained_adapter, monkeypatch):
         if "/preupload/" in url:
             files = json.loads(request.content)["files"]
             return httpx2.Response(
-                200, json={"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+                200,
+                json={"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]},
             )
         if "/commit/" in url:
             for line in request.content.decode().splitlines():
