@@ -145,6 +145,9 @@ def make_train_loader(
         collate_fn=collate,
         pin_memory=accelerator.device.type == "cuda",
         persistent_workers=False,
+        # Its own generator: creating an iterator must not draw from the global RNG, or a resumed run (which
+        # creates its iterator mid-epoch) would see different dropout and loss noise than an uninterrupted one.
+        generator=torch.Generator().manual_seed(args.seed),
     )
     return loader, sampler
 
@@ -159,6 +162,7 @@ def make_eval_loader(dataset, args: LPTTrainingArguments, accelerator: Accelerat
         shuffle=False,
         num_workers=args.num_workers,
         collate_fn=collate,
+        generator=torch.Generator().manual_seed(0),
     )
     # Sharded like accelerator.prepare would, but not registered with it: evaluation loaders carry no training state,
     # and keeping them out of save_state makes a checkpoint independent of which loaders exist when it is resumed.
@@ -226,6 +230,13 @@ def branch_match_scores(output, split: int) -> tuple[torch.Tensor | None, torch.
     cb = per_sample[:split].mean()
     ib = per_sample[split:].mean() if per_sample.shape[0] > split else None
     return cb, ib
+
+
+def _maybe_inject_fault(phase: int, step: int) -> None:
+    """Crash hard (as `kill -9` would) at `LPT_FAULT_INJECT_STEP=<phase>:<step>`; the resume tests use it."""
+    target = os.environ.get("LPT_FAULT_INJECT_STEP")
+    if target and target == f"{phase}:{step}":
+        os._exit(17)
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
@@ -500,6 +511,7 @@ def train_phase(
                 accelerator.log(logs, step=state.global_step + 100_000 * (phase - 1))
                 if args.checkpointing_steps and state.global_step % args.checkpointing_steps == 0:
                     checkpoints.save(state)
+                _maybe_inject_fault(phase, state.global_step)
         state.step_in_epoch = 0
         epoch_record: dict[str, Any] = {
             "phase": phase,
@@ -628,6 +640,16 @@ def _cap_per_class(dataset, cap: int):
     return dataset.select(np.sort(keep))
 
 
+def make_accelerator(**kwargs: Any) -> Accelerator:
+    """An `Accelerator` that also runs several processes on a machine without GPUs (gloo).
+
+    `accelerate launch --multi_gpu --num_processes N` starts N processes either way, but accelerate only joins them
+    into one CPU process group when asked for the CPU explicitly; otherwise each would train alone.
+    """
+    cpu_group = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(cpu=cpu_group or kwargs.pop("cpu", False), **kwargs)
+
+
 def _trackers(args: LPTTrainingArguments) -> list[str] | None:
     if args.report_to == "none":
         return None
@@ -653,7 +675,7 @@ def run_training(args: LPTTrainingArguments, data: LongTailDataset | None = None
     from .plots import plot_group_usage, plot_per_class_accuracy
 
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
+    accelerator = make_accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=_trackers(args),
@@ -697,12 +719,11 @@ def run_training(args: LPTTrainingArguments, data: LongTailDataset | None = None
     grouping = "author" if args.author_grouping else "standard"
     test_loader = make_eval_loader(data.test, args, accelerator)
     rows: dict[str, dict[str, Any]] = {}
-    per_class: dict[str, list[float]] = {}
-    usage = None
     for phase in args.phases:
         if phase in state.finished_phases:
             continue
         resume_here = resume_dir if (resume_dir is not None and state.phase == phase) else None
+        resume_dir = None  # a checkpoint resumes the phase it was written in, once
         best = train_phase(model, phase, data, args, accelerator, checkpoints, state, resume_dir=resume_here)
         save_adapter(model, output_dir / f"phase{phase}", accelerator)
         result = evaluate(
@@ -715,35 +736,47 @@ def run_training(args: LPTTrainingArguments, data: LongTailDataset | None = None
             description=f"test phase {phase}",
         )
         name = f"LPT phase {phase}"
-        rows[name] = {**{k: result[k] for k in ("overall", "many", "medium", "few")}, **best}
-        per_class[name] = result["per_class"]
-        usage = result.get("group_usage", usage)
+        if accelerator.is_main_process:
+            rows = _merge_json(output_dir / "results.json", {name: {**_summary(result), **best}})
+            per_class = _merge_json(output_dir / "per_class_accuracy.json", {name: result["per_class"]})
+            save_results(rows, output_dir)
+            if "group_usage" in result:
+                _merge_json(output_dir / "group_usage.json", {name: result["group_usage"]})
+                plot_group_usage(
+                    result["group_usage"],
+                    output_dir / "group_usage.png",
+                    title="How often each prompt group is selected",
+                )
+            names = list(per_class)
+            plot_per_class_accuracy(
+                per_class[names[-1]],
+                data.train_class_counts,
+                output_dir / "per_class_accuracy.png",
+                class_names=data.class_names,
+                compare={n: per_class[n] for n in names[:-1]} or None,
+                label=names[-1],
+                title=f"Per-class test accuracy vs training count ({args.dataset})",
+            )
         if args.push_to_hub and accelerator.is_main_process:
             repo = args.hub_model_id if phase == 2 or len(args.phases) == 1 else f"{args.hub_model_id}-phase1"
             model.push_to_hub(repo)
         state.phase = phase + 1
         state.epoch = state.step_in_epoch = state.global_step = 0
 
-    if accelerator.is_main_process and rows:
-        previous = output_dir / "results.json"
-        if previous.is_file():  # keep the rows of phases finished before a resume
-            rows = {**json.loads(previous.read_text()), **rows}
-        save_results(rows, output_dir)
-        names = list(per_class)
-        plot_per_class_accuracy(
-            per_class[names[-1]],
-            data.train_class_counts,
-            output_dir / "per_class_accuracy.png",
-            class_names=data.class_names,
-            compare={name: per_class[name] for name in names[:-1]} or None,
-            label=names[-1],
-            title=f"Per-class test accuracy vs training count ({args.dataset})",
-        )
-        if usage is not None:
-            plot_group_usage(usage, output_dir / "group_usage.png", title="How often each prompt group is selected")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"rows": rows, "output_dir": str(output_dir)}
+
+
+def _summary(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: result[k] for k in ("overall", "many", "medium", "few")}
+
+
+def _merge_json(path: Path, new: dict[str, Any]) -> dict[str, Any]:
+    """Add entries to a JSON mapping on disk (kept across resumes, so finished phases keep their rows)."""
+    merged = {**json.loads(path.read_text()), **new} if path.is_file() else dict(new)
+    _atomic_write_text(path, json.dumps(merged, indent=2, allow_nan=True))
+    return merged
 
 
 def load_backbone(name_or_path: str, image_size: int, attn_implementation: str) -> nn.Module:
@@ -762,7 +795,7 @@ def evaluate_adapter(adapter: str, args: LPTTrainingArguments, data: LongTailDat
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter!r} holds no adapter_config.json; pass a folder written by save_pretrained.")
     config = PeftConfig.from_pretrained(adapter)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    accelerator = make_accelerator(mixed_precision=args.mixed_precision)
     data = data if data is not None else build_dataset(args)
     backbone_name = args.model_name_or_path
     if backbone_name == "demo" and config.base_model_name_or_path and Path(config.base_model_name_or_path).exists():

@@ -1,0 +1,174 @@
+"""Two-phase training through `accelerate launch`: end to end, two processes, exact resume, and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from lpt_peft import LPTConfig
+from lpt_peft.backbones import tiny_random_vit
+from lpt_peft.data.synthetic import make_synthetic_long_tail
+from lpt_peft.training import check_dataset, evaluate_adapter, run_training
+from lpt_peft.training_args import LPTTrainingArguments, parse_training_args
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = [
+    "--dataset", "synthetic", "--model_name_or_path", "tiny-random", "--image_size", "32",
+    "--num_classes", "6", "--n_max", "40", "--imbalance", "10", "--val_per_class", "4",
+    "--batch_size", "8", "--num_groups", "4", "--shared_layers", "2", "--num_workers", "0",
+    "--report_to", "none", "--learning_rate", "0.5",
+]  # fmt: skip
+
+
+def launch(args, num_processes=1, env=None, check=True):
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
+    command += ["--multi_gpu"] if num_processes > 1 else ["--cpu"]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    result = subprocess.run(
+        command + [str(ROOT / "examples" / "train_lpt.py"), *COMMON, *args],
+        env=full_env, capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )  # fmt: skip
+    if check and result.returncode != 0:
+        raise AssertionError(f"launch failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def adapter_weights(path):
+    return load_file(Path(path) / "adapter_model.safetensors")
+
+
+def test_both_phases_end_to_end_and_reload_reproduces_accuracy(tmp_path):
+    out = tmp_path / "run"
+    launch(["--output_dir", str(out), "--epochs_phase1", "3", "--epochs_phase2", "2"])
+    rows = json.loads((out / "results.json").read_text())
+    assert set(rows) == {"LPT phase 1", "LPT phase 2"}
+    state = json.loads(
+        (out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip() / "trainer_state.json").read_text()
+    )
+    losses = [h["train_loss"] for h in state["history"] if h["phase"] == 1]
+    assert losses[-1] < losses[0], f"phase-1 loss did not fall: {losses}"
+    for name in ("results.md", "per_class_accuracy.png", "group_usage.png", "class_info.json"):
+        assert (out / name).stat().st_size > 0
+    # The phase-2 adapter infers in phase 2 and only its group pool, keys and head differ from phase 1.
+    phase1, phase2 = adapter_weights(out / "phase1"), adapter_weights(out / "phase2")
+    shared = [k for k in phase1 if "lpt_shared_prompt" in k]
+    assert shared and all(torch.equal(phase1[k], phase2[k]) for k in shared)
+    assert not torch.equal(phase1["base_model.lpt_keys"], phase2["base_model.lpt_keys"])
+    args = parse_training_args(COMMON)
+    for phase in (1, 2):
+        result = evaluate_adapter(str(out / f"phase{phase}"), args)
+        assert result["phase"] == phase
+        assert result["overall"] == pytest.approx(rows[f"LPT phase {phase}"]["overall"], abs=1e-9)
+        assert result["few"] == pytest.approx(rows[f"LPT phase {phase}"]["few"], abs=1e-9)
+    model = PeftModel.from_pretrained(tiny_random_vit(32), out / "phase2").eval()
+    assert model.peft_config["default"].phase == 2
+
+
+def test_two_processes_train_both_phases(tmp_path):
+    out = tmp_path / "ddp"
+    launch(["--output_dir", str(out), "--epochs_phase1", "1", "--epochs_phase2", "1"], num_processes=2)
+    model = PeftModel.from_pretrained(tiny_random_vit(32), out / "phase2").eval()
+    logits = model(pixel_values=torch.randn(2, 3, 32, 32)).logits
+    assert logits.shape == (2, 6) and torch.isfinite(logits).all()
+    assert set(json.loads((out / "results.json").read_text())) == {"LPT phase 1", "LPT phase 2"}
+
+
+def test_killed_run_resumes_to_identical_parameters(tmp_path):
+    common = ["--epochs_phase1", "2", "--epochs_phase2", "2", "--checkpointing_steps", "2"]
+    launch(["--output_dir", str(tmp_path / "straight"), *common])
+    interrupted = tmp_path / "interrupted"
+    # Crash hard in phase 1 between checkpoints (step 5; the last state is from step 4), resume, then crash again in
+    # phase 2 and resume once more.
+    crashed = launch(["--output_dir", str(interrupted), *common], env={"LPT_FAULT_INJECT_STEP": "1:5"}, check=False)
+    assert crashed.returncode != 0 and "exit status 17" in crashed.stderr, crashed.stderr[-3000:]
+    assert not (interrupted / "phase2").exists()
+    resume = ["--output_dir", str(interrupted), *common, "--resume_from_checkpoint", "latest"]
+    crashed = launch(resume, env={"LPT_FAULT_INJECT_STEP": "2:3"}, check=False)
+    assert crashed.returncode != 0 and "exit status 17" in crashed.stderr, crashed.stderr[-3000:]
+    launch(resume)
+    for phase in ("phase1", "phase2"):
+        expected, resumed = adapter_weights(tmp_path / "straight" / phase), adapter_weights(interrupted / phase)
+        assert expected.keys() == resumed.keys()
+        for key in expected:
+            assert torch.equal(expected[key], resumed[key]), f"{phase}: {key} differs after resume"
+    straight_rows = json.loads((tmp_path / "straight" / "results.json").read_text())
+    assert json.loads((interrupted / "results.json").read_text()) == straight_rows
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def small_args(tmp_path, **overrides):
+    values = dict(
+        dataset="synthetic", model_name_or_path="tiny-random", image_size=32, num_classes=6, n_max=40, imbalance=10,
+        val_per_class=4, batch_size=8, num_groups=4, shared_layers=2, num_workers=0, report_to="none",
+        epochs_phase1=1, epochs_phase2=1, output_dir=str(tmp_path / "out"),
+    )  # fmt: skip
+    values.update(overrides)
+    return LPTTrainingArguments(**values)
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("dataset: synthetic\nlearning_rat: 0.1\n")
+    with pytest.raises(ValueError, match=r"unknown option\(s\): learning_rat \(did you mean learning_rate\?\)"):
+        parse_training_args(["--config", str(config)])
+
+
+def test_config_file_and_command_line(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("dataset: synthetic\nbatch_size: 16\nepochs_phase1: 3\nmean: [0.1, 0.2, 0.3]\n")
+    args = parse_training_args(["--config", str(config), "--epochs_phase1", "5"])
+    assert (args.dataset, args.batch_size, args.epochs_phase1, args.mean) == ("synthetic", 16, 5, [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="must be a multiple of --samples_per_class 4"):
+        parse_training_args(["--batch_size", "10"])
+
+
+def test_class_without_training_images_and_bad_labels():
+    data = make_synthetic_long_tail(num_classes=4, n_max=8, imbalance=4)
+    check_dataset(data, 4)
+    with pytest.raises(ValueError, match="has 4 classes but the adapter has num_labels=5"):
+        check_dataset(data, 5)
+    data.train_class_counts[2] = 0
+    with pytest.raises(ValueError, match=r"1 class\(es\) have no training image: 2 \(class_2\)"):
+        check_dataset(data, 4)
+    data = make_synthetic_long_tail(num_classes=4, n_max=8, imbalance=4)
+    data.test = data.test.cast_column("label", data.test.features["label"].__class__(num_classes=10))
+    data.test = data.test.map(lambda row: {"label": 7 if row["label"] == 1 else row["label"]})
+    with pytest.raises(ValueError, match=r"The test split has label 7, outside 0..3"):
+        check_dataset(data, 4)
+
+
+def test_init_from_wrong_phase_or_base_fails_before_training(tmp_path):
+    from peft import get_peft_model
+
+    def save_adapter(path, phase, backbone, num_labels=6):
+        model = get_peft_model(backbone, LPTConfig(num_labels=num_labels, shared_layers=2, num_groups=4, phase=phase))
+        model.save_pretrained(path)
+
+    save_adapter(tmp_path / "p2", 2, tiny_random_vit(32))
+    with pytest.raises(ValueError, match="is a phase-2 adapter; phase 2 starts from a phase-1 adapter"):
+        run_training(small_args(tmp_path, phase="2", init_from=str(tmp_path / "p2")))
+
+    from transformers import ViTConfig, ViTModel
+
+    other = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+                               image_size=32, patch_size=8), add_pooling_layer=False)  # fmt: skip
+    save_adapter(tmp_path / "other", 1, other)
+    with pytest.raises(ValueError, match="built for a backbone with hidden_size=32"):
+        run_training(small_args(tmp_path, phase="2", init_from=str(tmp_path / "other")))
+
+    save_adapter(tmp_path / "labels", 1, tiny_random_vit(32), num_labels=5)
+    with pytest.raises(ValueError, match="has num_labels=5 but the data set has 6 classes"):
+        run_training(small_args(tmp_path, phase="2", init_from=str(tmp_path / "labels")))
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint under"):
+        run_training(small_args(tmp_path, resume_from_checkpoint="latest"))
