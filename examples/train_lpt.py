@@ -1,5 +1,6 @@
 """Train LPT (phase 1, then phase 2) with accelerate on one CPU, one GPU or many GPUs.
 
+    accelerate launch examples/train_lpt.py                                   # the offline demo (configs/demo_*.yaml)
     accelerate launch examples/train_lpt.py --config configs/places_lt.yaml
     accelerate launch examples/train_lpt.py --config configs/places_lt.yaml --phase 2 --init_from out/phase1
     accelerate launch examples/train_lpt.py --config configs/places_lt.yaml --resume_from_checkpoint latest
@@ -9,12 +10,18 @@ Every option can be set in the YAML file or on the command line (`--help` lists 
 `lpt_peft.training`.
 """
 
+import sys
+from pathlib import Path
+
 from lpt_peft.training import run_training
 from lpt_peft.training_args import parse_training_args
 
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_fashion_mnist.yaml"
+
 
 def main() -> None:
-    run_training(parse_training_args())
+    argv = sys.argv[1:] or ["--config", str(DEMO_CONFIG)]
+    run_training(parse_training_args(argv))
 
 
 if __name__ == "__main__":

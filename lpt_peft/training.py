@@ -719,6 +719,9 @@ def run_training(args: LPTTrainingArguments, data: LongTailDataset | None = None
     grouping = "author" if args.author_grouping else "standard"
     test_loader = make_eval_loader(data.test, args, accelerator)
     rows: dict[str, dict[str, Any]] = {}
+    if args.baselines and resume_dir is None:
+        with torch.random.fork_rng(devices=[]):  # the probes must not shift LPT's random stream
+            run_baselines(model, data, args, accelerator, test_loader)
     for phase in args.phases:
         if phase in state.finished_phases:
             continue
@@ -763,9 +766,56 @@ def run_training(args: LPTTrainingArguments, data: LongTailDataset | None = None
         state.phase = phase + 1
         state.epoch = state.step_in_epoch = state.global_step = 0
 
+    if accelerator.is_main_process and rows:
+        from .metrics import format_results_table
+
+        print(f"\nTest accuracy (%) by shot group, {args.dataset} ({grouping} groups: many n>100, few n<20):")
+        print(format_results_table(rows))
+        print(f"Adapters, results.json/.md and plots are in {output_dir}/")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"rows": rows, "output_dir": str(output_dir)}
+
+
+PROBE_NAMES = {
+    "linear_probe_ce": "Linear probe (CE)",
+    "linear_probe_agcl": "Linear probe (A-GCL, dual sampling)",
+}
+
+
+def run_baselines(model: PeftModel, data: LongTailDataset, args, accelerator: Accelerator, test_loader) -> None:
+    """Train the requested linear probes on frozen features and record them in the results like LPT's phases."""
+    from .baselines import evaluate_probe, extract_features, train_linear_probe
+
+    output_dir = Path(args.output_dir)
+    grouping = "author" if args.author_grouping else "standard"
+    train_loader = make_eval_loader(data.train, args, accelerator)  # no augmentation: features are cached once
+    with model.disable_adapter():
+        backbone = model.get_base_model()
+        train_features, train_labels = extract_features(backbone, train_loader, accelerator, "train features")
+        test_features, test_labels = extract_features(backbone, test_loader, accelerator, "test features")
+    for kind in args.baselines:
+        probe = train_linear_probe(
+            kind,
+            train_features,
+            train_labels,
+            data.train_class_counts,
+            epochs=args.probe_epochs,
+            batch_size=args.batch_size,
+            samples_per_class=args.samples_per_class,
+            learning_rate=args.learning_rate,
+            lr_reference_batch=args.lr_reference_batch,
+            weight_decay=args.weight_decay,
+            seed=args.seed,
+        )
+        result = evaluate_probe(probe, test_features, test_labels, data.train_class_counts, grouping)
+        if accelerator.is_main_process:
+            rows = _merge_json(output_dir / "results.json", {PROBE_NAMES[kind]: _summary(result)})
+            _merge_json(output_dir / "per_class_accuracy.json", {PROBE_NAMES[kind]: result["per_class"]})
+            from .metrics import save_results
+
+            save_results(rows, output_dir)
+            logger.info("%s: %s", PROBE_NAMES[kind], _summary(result))
 
 
 def _summary(result: dict[str, Any]) -> dict[str, Any]:

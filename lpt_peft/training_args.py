@@ -123,6 +123,17 @@ class LPTTrainingArguments:
     mixed_precision: str = field(default="no", metadata={"help": "'no', 'bf16' or 'fp16' (through accelerate)."})
     seed: int = field(default=42, metadata={"help": "Seed of the run (init, sampling, augmentation, noise)."})
 
+    # ---- baselines
+    baselines: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Frozen-feature baselines to train and report beside LPT: linear_probe_ce (linear layer, "
+            "cross-entropy) and/or linear_probe_agcl (cosine head with LPT's A-GCL and dual sampling); 'none' for no "
+            "baselines."
+        },
+    )
+    probe_epochs: int = field(default=30, metadata={"help": "Epochs of each linear-probe baseline."})
+
     # ---- evaluation, checkpoints, logging
     output_dir: str = field(default="outputs/lpt", metadata={"help": "Where adapters, checkpoints and results go."})
     eval_batch_size: int = field(default=128, metadata={"help": "Images per process for evaluation."})
@@ -162,6 +173,12 @@ class LPTTrainingArguments:
             raise ValueError(f"--attn_implementation must be 'sdpa' or 'eager', got {self.attn_implementation!r}.")
         if self.report_to not in ("auto", "tensorboard", "none", "all"):
             raise ValueError(f"--report_to must be auto, tensorboard, none or all, got {self.report_to!r}.")
+        from .baselines import PROBES
+
+        self.baselines = [b for b in self.baselines if b != "none"]  # `--baselines none` clears a config's list
+        unknown = sorted(set(self.baselines) - set(PROBES))
+        if unknown:
+            raise ValueError(f"--baselines {unknown} not known; choose from {', '.join(PROBES)}.")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id <user/repo>.")
         for name in ("epochs_phase1", "epochs_phase2", "batch_size", "eval_batch_size", "gradient_accumulation_steps"):
