@@ -172,3 +172,16 @@ def test_init_from_wrong_phase_or_base_fails_before_training(tmp_path):
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no complete checkpoint under"):
         run_training(small_args(tmp_path, resume_from_checkpoint="latest"))
+
+
+def test_bf16_mixed_precision_and_gradient_accumulation(tmp_path):
+    out = tmp_path / "bf16"
+    launch(
+        ["--output_dir", str(out), "--epochs_phase1", "1", "--epochs_phase2", "1", "--max_steps_per_epoch", "4",
+         "--mixed_precision", "bf16", "--gradient_accumulation_steps", "2", "--max_grad_norm", "1.0"]
+    )  # fmt: skip
+    state_files = sorted((out / "checkpoints").glob("*/trainer_state.json"))
+    state = json.loads(state_files[-1].read_text())
+    assert state["phase"] == 2 and state["global_step"] == 2  # 4 micro-batches, 2 optimizer updates
+    weights = adapter_weights(out / "phase2")
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
