@@ -3,7 +3,7 @@
 Importing this package registers the "LPT" PEFT type with peft; do it before `PeftModel.from_pretrained`.
 """
 
-from .architectures import ARCHITECTURES, LPTArchitecture, register_architecture
+from .architectures import ARCHITECTURES, AttentionSpec, LPTArchitecture, register_architecture
 from .config import LPTConfig, LptPeftType
 from .layer import LPTAttention
 from .model import LPTModel, LPTOutput, cosine_logits
@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ARCHITECTURES",
+    "AttentionSpec",
     "LPTArchitecture",
     "LPTAttention",
     "LPTConfig",

@@ -44,20 +44,33 @@ def load_backbone(name_or_path: str, image_size: int = 224, attn_implementation:
         return model
     if name_or_path == "tiny-random":
         return tiny_random_vit(image_size=image_size, attn_implementation=attn_implementation)
-    from transformers import AutoConfig, ViTForImageClassification, ViTModel
+    import transformers
+    from transformers import AutoConfig
+
+    from .architectures import supported_model_classes
 
     config = AutoConfig.from_pretrained(name_or_path)
-    if config.model_type != "vit":
-        from .architectures import supported_model_classes
-
+    supported = set(supported_model_classes())
+    architectures = [name for name in (getattr(config, "architectures", None) or []) if name in supported]
+    base_class = {
+        "vit": "ViTModel",
+        "deit": "DeiTModel",
+        "dinov2": "Dinov2Model",
+        "clip_vision_model": "CLIPVisionModel",
+        "dinov2_with_registers": "Dinov2WithRegistersModel",
+    }.get(config.model_type)
+    class_name = architectures[0] if architectures else base_class
+    if class_name is None or class_name not in supported:
         raise ValueError(
-            f"{name_or_path!r} is a {config.model_type!r} model; LPT training supports {supported_model_classes()}."
+            f"{name_or_path!r} is a {config.model_type!r} model; LPT supports {', '.join(sorted(supported))}."
         )
-    architectures = getattr(config, "architectures", None) or []
-    cls = ViTForImageClassification if "ViTForImageClassification" in architectures else ViTModel
-    kwargs = {"add_pooling_layer": False} if cls is ViTModel else {}
+    cls = getattr(transformers, class_name)
+    kwargs = {"add_pooling_layer": False} if class_name in ("ViTModel", "DeiTModel") else {}
     model = cls.from_pretrained(name_or_path, attn_implementation=attn_implementation, **kwargs)
-    if model.config.image_size != image_size:
+    if getattr(model.config, "image_size", image_size) != image_size and config.model_type not in (
+        "dinov2",
+        "dinov2_with_registers",
+    ):
         raise ValueError(
             f"{name_or_path!r} expects {model.config.image_size} px images but --image_size is {image_size}. Set "
             f"--image_size {model.config.image_size}."

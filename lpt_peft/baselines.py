@@ -31,13 +31,11 @@ PROBES = ("linear_probe_ce", "linear_probe_agcl")
 def extract_features(backbone: nn.Module, loader, accelerator: Accelerator, description: str = "features"):
     """CLS features after the final norm, and labels, for every image of `loader` (gathered across processes)."""
     architecture = get_architecture(backbone)
-    encoder = architecture.encoder(backbone)
     backbone.eval()
     features, labels = [], []
     for batch in tqdm(loader, desc=description, disable=not accelerator.is_local_main_process, leave=False):
         with accelerator.autocast():
-            hidden = encoder(pixel_values=batch["pixel_values"]).last_hidden_state
-        feature = hidden[:, architecture.cls_index].float()
+            feature = architecture.image_features(backbone, batch["pixel_values"]).float()
         feature, label = accelerator.gather_for_metrics((feature, batch["labels"]))
         features.append(feature.cpu())
         labels.append(label.cpu())

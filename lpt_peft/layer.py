@@ -11,6 +11,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .architectures import AttentionSpec
 from .config import LPTConfig
 
 _SUPPORTED_ATTENTION = ("eager", "sdpa")
@@ -35,6 +36,8 @@ class LPTAttention(nn.Module, LPTLayer):
     A prompt token that enters a pre-norm layer and whose output is dropped afterwards (VPT-deep) changes the other
     tokens only through attention, as one more key `k_proj(LN(p))` and value `v_proj(LN(p))`, where LN is the layer's
     pre-attention norm. Computing just those is exact and cheaper than running the prompts through the whole block.
+    Whatever the layer does with the attention output afterwards (residual, DINOv2's LayerScale, drop-path) only
+    touches image tokens, so it needs no change.
 
     Per adapter, the layer holds its shared prompts `lpt_shared_prompt[name]` of shape `(prompt_length, hidden)` and,
     for layers after `shared_layers`, its slice of the group pool `lpt_group_prompt[name]` of shape
@@ -42,13 +45,29 @@ class LPTAttention(nn.Module, LPTLayer):
     `lpt_group_indices` of shape `(batch, top_k)` through the layer call.
 
     Args:
-        base_layer: The attention module being wrapped (e.g. `ViTAttention`).
+        base_layer: The attention module being wrapped (e.g. `ViTAttention`, `CLIPAttention`).
         norm: The pre-attention norm of the enclosing transformer layer. Kept as a reference only, so that it is
             neither saved with the adapter nor counted twice.
         layer_idx: 0-based index of the transformer layer.
         adapter_name: Name of the first adapter.
         config: Its [`LPTConfig`].
-        key_attr / value_attr: Attribute names of the key and value projections on `base_layer`.
+        attention_spec: Names of the projections, scaling, dropout and head width on `base_layer`
+            ([`~lpt_peft.architectures.AttentionSpec`]); the default is the ViT layout (`q_proj`, `k_proj`,
+            `v_proj`, `o_proj`, `scaling`, `attention_dropout`, `head_dim`).
+
+    Example:
+
+    ```python
+    >>> import lpt_peft
+    >>> from peft import get_peft_model
+    >>> from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    >>> clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...                                         num_attention_heads=4, image_size=16, patch_size=4))
+    >>> model = get_peft_model(clip, lpt_peft.LPTConfig(num_labels=3, shared_layers=1, num_groups=4))
+    >>> type(model.base_model.model.encoder.layers[0].self_attn).__name__
+    'LPTAttention'
+    ```
     """
 
     def __init__(
@@ -58,15 +77,17 @@ class LPTAttention(nn.Module, LPTLayer):
         layer_idx: int,
         adapter_name: str,
         config: LPTConfig,
-        key_attr: str = "k_proj",
-        value_attr: str = "v_proj",
+        attention_spec: AttentionSpec | None = None,
     ) -> None:
         super().__init__()
+        spec = attention_spec if attention_spec is not None else AttentionSpec()
+        if not isinstance(spec, AttentionSpec):
+            raise TypeError(f"attention_spec must be an AttentionSpec, got {type(spec).__name__}.")
+        spec.validate(base_layer)
         self.base_layer = base_layer
         self._norm = (norm,)
         self.layer_idx = layer_idx
-        self.key_attr = key_attr
-        self.value_attr = value_attr
+        self.attention_spec = spec
         self.lpt_shared_prompt = nn.ParameterDict()
         self.lpt_group_prompt = nn.ParameterDict()
         self.frozen_peft_weight_names = {}
@@ -92,7 +113,7 @@ class LPTAttention(nn.Module, LPTLayer):
         self.set_phase(adapter_name, config.phase)
 
     def _base_device_and_dtype(self) -> tuple[torch.device, torch.dtype]:
-        weight = getattr(self.base_layer, self.key_attr).weight
+        weight = self.attention_spec.projection(self.base_layer, "key").weight
         # Prompts stay in float32 under a half-precision backbone, as peft keeps adapter weights (autocast handles it).
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         return weight.device, dtype
@@ -117,8 +138,9 @@ class LPTAttention(nn.Module, LPTLayer):
         if normed.dim() == 2:
             normed = normed.unsqueeze(0)
         shape = (*normed.shape[:-1], -1, head_dim)
-        key = getattr(self.base_layer, self.key_attr)(normed).view(shape).transpose(1, 2)
-        value = getattr(self.base_layer, self.value_attr)(normed).view(shape).transpose(1, 2)
+        spec = self.attention_spec
+        key = spec.projection(self.base_layer, "key")(normed).view(shape).transpose(1, 2)
+        value = spec.projection(self.base_layer, "value")(normed).view(shape).transpose(1, 2)
         return key, value
 
     def group_prompts(self, adapter_name: str, group_indices: torch.Tensor) -> torch.Tensor:
@@ -131,7 +153,7 @@ class LPTAttention(nn.Module, LPTLayer):
         attention_mask: torch.Tensor | None = None,
         lpt_group_indices: torch.Tensor | None = None,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | torch.Tensor:
         base = self.base_layer
         adapter = None if self.disable_adapters else self._active_prompt_adapter()
         if adapter is None:
@@ -145,13 +167,14 @@ class LPTAttention(nn.Module, LPTLayer):
                 "backbone with attn_implementation='sdpa' (fast, fused) or 'eager'."
             )
 
+        spec = self.attention_spec
         input_shape = hidden_states.shape[:-1]
         batch = input_shape[0]
-        head_dim = base.head_dim
+        head_dim = spec.get_head_dim(base)
         hidden_shape = (*input_shape, -1, head_dim)
-        query = base.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key = getattr(base, self.key_attr)(hidden_states).view(hidden_shape).transpose(1, 2)
-        value = getattr(base, self.value_attr)(hidden_states).view(hidden_shape).transpose(1, 2)
+        query = spec.projection(base, "query")(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = spec.projection(base, "key")(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = spec.projection(base, "value")(hidden_states).view(hidden_shape).transpose(1, 2)
 
         dtype = hidden_states.dtype
         prompt_key, prompt_value = self._prompt_key_value(self.lpt_shared_prompt[adapter].to(dtype), head_dim)
@@ -168,19 +191,24 @@ class LPTAttention(nn.Module, LPTLayer):
         value = torch.cat([*values, value], dim=2)
         attention_mask = _pad_attention_mask(attention_mask, num_prompts)
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(attn_impl, _eager_attention_of(base))
+        eager = spec.eager_attention or _eager_attention_of(base)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(attn_impl, eager)
+        # Image encoders attend both ways. Said explicitly because sdpa treats a module without `is_causal` as causal,
+        # and with prompts the key sequence is longer than the query sequence, so a causal mask would also misalign.
+        kwargs["is_causal"] = False
         attn_output, attn_weights = attention_interface(
             base,
             query,
             key,
             value,
             attention_mask,
-            dropout=0.0 if not base.training else base.attention_dropout,
-            scaling=base.scaling,
+            dropout=spec.get_dropout(base),
+            scaling=spec.get_scaling(base),
             **kwargs,
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        return base.o_proj(attn_output), attn_weights
+        attn_output = spec.projection(base, "output")(attn_output)
+        return (attn_output, attn_weights) if spec.returns_weights else attn_output
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise NotImplementedError(

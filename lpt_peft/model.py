@@ -192,12 +192,11 @@ class LPTModel(BaseTuner):
         layer_idx = int(re.fullmatch(architecture.attention_pattern(), current_key).group(1))
         new_module = LPTAttention(
             target,
-            getattr(parent, architecture.norm_attr),
+            architecture.pre_attention_norm(parent),
             layer_idx,
             adapter_name,
             peft_config,
-            key_attr=architecture.key_attr,
-            value_attr=architecture.value_attr,
+            attention_spec=architecture.attention,
         )
         self._replace_module(parent, target_name, new_module, target)
 
