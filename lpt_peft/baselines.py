@@ -92,8 +92,7 @@ def train_linear_probe(
         )
         sampler = DualBatchSampler(balanced, instance)
         objective = LPTObjective(class_counts, num_epochs=epochs)
-    # A linear probe on unnormalised features needs a larger step than the cosine head; both scale with the batch.
-    lr = learning_rate * batch_size / lr_reference_batch * (10.0 if kind == "linear_probe_ce" else 1.0)
+    lr = learning_rate * batch_size / lr_reference_batch
     optimizer = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     total = epochs * len(sampler)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))

@@ -777,6 +777,7 @@ def run_training(args: LPTTrainingArguments, data: LongTailDataset | None = None
     return {"rows": rows, "output_dir": str(output_dir)}
 
 
+PROBE_LEARNING_RATES = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # at lr_reference_batch, scaled like LPT's
 PROBE_NAMES = {
     "linear_probe_ce": "Linear probe (CE)",
     "linear_probe_agcl": "Linear probe (A-GCL, dual sampling)",
@@ -794,20 +795,36 @@ def run_baselines(model: PeftModel, data: LongTailDataset, args, accelerator: Ac
         backbone = model.get_base_model()
         train_features, train_labels = extract_features(backbone, train_loader, accelerator, "train features")
         test_features, test_labels = extract_features(backbone, test_loader, accelerator, "test features")
+        val_features = val_labels = None
+        if data.val is not None:
+            val_loader = make_eval_loader(data.val, args, accelerator)
+            val_features, val_labels = extract_features(backbone, val_loader, accelerator, "val features")
     for kind in args.baselines:
-        probe = train_linear_probe(
-            kind,
-            train_features,
-            train_labels,
-            data.train_class_counts,
-            epochs=args.probe_epochs,
-            batch_size=args.batch_size,
-            samples_per_class=args.samples_per_class,
-            learning_rate=args.learning_rate,
-            lr_reference_batch=args.lr_reference_batch,
-            weight_decay=args.weight_decay,
-            seed=args.seed,
-        )
+        # A baseline deserves its best learning rate: pick it on the validation split (never on test).
+        best_probe, best_score = None, -1.0
+        for lr in PROBE_LEARNING_RATES if val_features is not None else (args.learning_rate,):
+            probe = train_linear_probe(
+                kind,
+                train_features,
+                train_labels,
+                data.train_class_counts,
+                epochs=args.probe_epochs,
+                batch_size=args.batch_size,
+                samples_per_class=args.samples_per_class,
+                learning_rate=lr,
+                lr_reference_batch=args.lr_reference_batch,
+                weight_decay=args.weight_decay,
+                seed=args.seed,
+            )
+            score = (
+                evaluate_probe(probe, val_features, val_labels, data.train_class_counts, grouping)["overall"]
+                if val_features is not None
+                else 0.0
+            )
+            if score > best_score:
+                best_probe, best_score, best_lr = probe, score, lr
+        probe = best_probe
+        logger.info("%s: learning rate %s chosen on val (%.2f%%)", PROBE_NAMES[kind], best_lr, best_score)
         result = evaluate_probe(probe, test_features, test_labels, data.train_class_counts, grouping)
         if accelerator.is_main_process:
             rows = _merge_json(output_dir / "results.json", {PROBE_NAMES[kind]: _summary(result)})
