@@ -1,55 +1,261 @@
-"""The LPT section of the model card written by `save_pretrained` and `push_to_hub`."""
+"""The LPT model card written by `save_pretrained` and `push_to_hub` (see `registration._install_model_card_section`).
+
+The card says what the adapter is (base model, data set, phase, sizes), how it scores (shot-group table when known),
+and the exact lines to load and run it, `import lpt_peft` first. Optional facts come from
+`peft_model.base_model.card_info`, a dict that training code or a converter sets before saving:
+
+| key | type | shown as |
+|---|---|---|
+| `dataset` | str | data set line; also the card's `datasets` metadata |
+| `results_markdown` | str | the Results section, verbatim (e.g. `lpt_peft.metrics.format_results_table(...)`) |
+| `results` | dict | table when `results_markdown` is absent: `{"overall", "many", "medium", "few"}` or `{row: dict}` |
+| `grouping` | `"standard"` or `"author"` | the shot-group thresholds under the table |
+| `base_model` | str | the base shown in the code (e.g. a Hub id) instead of the adapter config's path |
+| `repo_id` | str | the adapter id shown in the code instead of a placeholder |
+| `preprocessing` | dict | `image_size`, `resize_size`, `mean`, `std` |
+| `notes` | str or list of str | extra bullet points (e.g. provenance) |
+
+The LPT part of the card sits between two HTML comments and is rewritten on every save; text outside them is kept.
+peft's empty template is replaced by the LPT card on the first save.
+"""
 
 from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Mapping
+from typing import Any
 
 from huggingface_hub import ModelCard
 
 _MARKER = "<!-- lpt-peft section -->"
+_END_MARKER = "<!-- /lpt-peft section -->"
+_TEMPLATE_SIGNS = ("# Model Card for Model ID", "[More Information Needed]")
+_CARD_INFO_KEYS = {
+    "dataset",
+    "results_markdown",
+    "results",
+    "grouping",
+    "base_model",
+    "repo_id",
+    "preprocessing",
+    "notes",
+}
+_GROUPING = {
+    "standard": "many-shot > 100 training images, medium-shot 20-100, few-shot < 20 (the standard split)",
+    "author": "many-shot > 100 training images, medium-shot 21-100, few-shot <= 20 (the LPT authors' code)",
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_CITATION = """```bibtex
+@inproceedings{dong2023lpt,
+  title     = {{LPT}: Long-tailed Prompt Tuning for Image Classification},
+  author    = {Dong, Bowen and Zhou, Pan and Yan, Shuicheng and Zuo, Wangmeng},
+  booktitle = {International Conference on Learning Representations (ICLR)},
+  year      = {2023}
+}
+```"""
+
+
+def _looks_like_hub_id(name: str | None) -> bool:
+    return bool(name) and _HUB_ID.fullmatch(name) is not None and not os.path.exists(name)
+
+
+def _card_info(tuner) -> dict[str, Any]:
+    info = getattr(tuner, "card_info", None)
+    if info is None:
+        return {}
+    if not isinstance(info, Mapping):
+        raise TypeError(f"base_model.card_info must be a dict, got {type(info).__name__}.")
+    unknown = sorted(set(info) - _CARD_INFO_KEYS)
+    if unknown:
+        warnings.warn(
+            f"card_info keys {unknown} are not used by the LPT model card (known: {sorted(_CARD_INFO_KEYS)}).",
+            stacklevel=4,
+        )
+    return {k: v for k, v in info.items() if v is not None}
+
+
+def _results_markdown(info: Mapping[str, Any], phase: int) -> str | None:
+    if info.get("results_markdown"):
+        return str(info["results_markdown"]).strip()
+    results = info.get("results")
+    if not results:
+        return None
+    from .metrics import format_results_table
+
+    rows = {f"LPT (phase {phase})": results} if "overall" in results else results
+    return format_results_table(rows)
+
+
+def _adapter_parameters(config) -> tuple[int, str]:
+    d, depth = config.hidden_size or 0, config.num_hidden_layers or 0
+    shared = depth * config.prompt_length * d
+    groups = max(depth - config.shared_layers, 0) * config.num_groups * config.group_prompt_length * d
+    keys, head = config.num_groups * d, d * config.num_labels
+    detail = f"shared prompts {shared:,}, group prompts {groups:,}, keys {keys:,}, cosine classifier {head:,}"
+    return shared + groups + keys + head, detail
+
+
+def _preprocessing_line(info: Mapping[str, Any], image_size: int | None) -> str:
+    pre = info.get("preprocessing")
+    if isinstance(pre, Mapping) and pre.get("image_size"):
+        size = int(pre["image_size"])
+        resize = int(pre.get("resize_size") or round(size * 256 / 224))
+        mean, std = pre.get("mean", (0.5, 0.5, 0.5)), pre.get("std", (0.5, 0.5, 0.5))
+        return (
+            f"- Preprocessing (evaluation): resize to {resize}x{resize}, centre crop {size}, scale to [0, 1], "
+            f"normalise with mean {list(mean)} and std {list(std)}."
+        )
+    size = image_size or 224
+    return (
+        f"- Preprocessing (evaluation): LPT's default, unless this repo holds a `preprocessor_config.json`: resize to "
+        f"{round(size * 256 / 224)} square, centre crop {size}, mean = std = (0.5, 0.5, 0.5)."
+    )
+
+
+def _section(peft_model, config, info: Mapping[str, Any], with_title: bool) -> list[str]:
+    tuner = peft_model.base_model
+    base_class = type(tuner.model).__name__
+    base = info.get("base_model") or config.base_model_name_or_path or "<path or Hub id of the base ViT>"
+    repo = info.get("repo_id") or "<this repo id or folder>"
+    dataset = info.get("dataset")
+    image_size = getattr(getattr(tuner.model, "config", None), "image_size", None)
+    pooling_kwarg = ", add_pooling_layer=False" if base_class == "ViTModel" else ""
+    total, detail = _adapter_parameters(config)
+    phase_text = "shared prompts" if config.phase == 1 else "shared prompts + group prompts chosen per image"
+
+    h = "##" if with_title else "###"  # subsection level under the card's title or under our H2
+    lines = [_MARKER]
+    if with_title:
+        lines += [f"# LPT adapter{f' for {dataset}' if dataset else ''} on `{base}`", ""]
+    else:
+        lines += ["## LPT adapter (Long-tailed Prompt Tuning)", ""]
+    lines += [
+        "A [Long-tailed Prompt Tuning](https://arxiv.org/abs/2210.01033) (LPT, Dong et al., ICLR 2023) adapter for a "
+        "frozen Vision Transformer, made with lpt-peft. peft does not know the LPT method by itself: "
+        "**`import lpt_peft` before loading**, otherwise peft fails with `KeyError: 'LPT'`.",
+        "",
+        f"{h} How to use",
+        "",
+        'Classify image files (the call shape of `transformers.pipeline("image-classification")`):',
+        "",
+        "```python",
+        "import lpt_peft  # registers the LPT PEFT type with peft: import it first",
+        "from lpt_peft.inference import load_classifier",
+        "",
+        f'classifier = load_classifier("{base}", "{repo}")  # device: cuda when available',
+        'print(classifier("image.jpg", top_k=5))  # [{"label": ..., "score": ...}, ...]',
+        "```",
+        "",
+        "Scores are `softmax(logit_scale * cosine)` with the adapter's `logit_scale` "
+        f"({config.logit_scale:g}); the ranking is that of the cosine logits.",
+        "",
+        "With peft directly:",
+        "",
+        "```python",
+        "import torch",
+        "import lpt_peft  # registers the LPT PEFT type: import it before PeftModel.from_pretrained",
+        "from peft import PeftModel",
+        f"from transformers import {base_class}",
+        "",
+        f'base = {base_class}.from_pretrained("{base}"{pooling_kwarg})',
+        f'model = PeftModel.from_pretrained(base, "{repo}").eval()',
+        "pixel_values = ...  # (batch, 3, H, W) float, preprocessed as under 'Model details'",
+        "with torch.no_grad():",
+        "    logits = model(pixel_values=pixel_values).logits  # (batch, classes) cosine similarities; argmax = class",
+        "```",
+        "",
+        "From the command line (lpt-peft's examples): "
+        f"`python examples/predict.py --base {base} --adapter {repo} photos/ --top_k 5`.",
+        "",
+        f"{h} Model details",
+        "",
+        f"- Base model: `{base}` ({base_class}, hidden size {config.hidden_size}, {config.num_hidden_layers} layers), "
+        "frozen",
+    ]
+    if dataset:
+        lines.append(f"- Data set: {dataset}")
+    lines += [
+        f"- Phase {config.phase}: {phase_text}",
+        f"- Classes: {config.num_labels}"
+        + (
+            f" ({', '.join(list(config.id2label.values())[:8])}{', ...' if config.num_labels > 8 else ''})"
+            if config.id2label
+            else ""
+        ),
+        f"- Prompts: {config.prompt_length} shared per layer; {config.num_groups} groups x "
+        f"{config.group_prompt_length} prompts for layers {config.shared_layers + 1}..{config.num_hidden_layers}; "
+        f"top-{config.top_k} groups averaged per image",
+        f"- Adapter parameters: {total:,} ({detail})",
+        _preprocessing_line(info, image_size),
+    ]
+    if config.layer_norm_eps is not None:
+        lines.append(f"- Backbone LayerNorm eps set to {config.layer_norm_eps:g} when the adapter is loaded")
+    notes = info.get("notes")
+    for note in [notes] if isinstance(notes, str) else list(notes or []):
+        lines.append(f"- {note}")
+    results = _results_markdown(info, config.phase)
+    if results:
+        lines += ["", f"{h} Results", "", results]
+        grouping = info.get("grouping")
+        if grouping in _GROUPING:
+            lines += ["", f"Shot groups by training images per class: {_GROUPING[grouping]}."]
+    lines += ["", f"{h} Citation", "", _CITATION, _END_MARKER]
+    return lines
+
+
+def _clean_metadata(card: ModelCard, base: str | None, dataset: str | None, has_results: bool) -> None:
+    tags = {t for t in (card.data.get("tags") or []) if not str(t).startswith("base_model:adapter:")}
+    tags |= {"lpt", "long-tailed", "prompt-tuning", "image-classification", "vision"}
+    # The Hub rejects a `base_model` that is not a Hub id, and peft writes whatever path the base came from.
+    if _looks_like_hub_id(base):
+        card.data["base_model"] = base
+        tags.add(f"base_model:adapter:{base}")
+    else:
+        card.data.pop("base_model", None)
+    card.data["tags"] = sorted(tags)
+    card.data["pipeline_tag"] = "image-classification"
+    if dataset:
+        card.data["datasets"] = [dataset]
+    if has_results:
+        card.data["metrics"] = sorted(set(card.data.get("metrics") or []) | {"accuracy"})
 
 
 def add_lpt_section(peft_model, card_path: str) -> None:
-    """Add (or refresh) the part of the card that tells users how to load and run an LPT adapter."""
+    """Write (or refresh) the LPT part of the model card at `card_path` for the active adapter of `peft_model`.
+
+    Example:
+
+    ```python
+    >>> model.base_model.card_info = {"dataset": "places_lt", "results": {"overall": 50.1, "many": 49.3,
+    ...                                                                   "medium": 52.3, "few": 46.9}}
+    >>> model.save_pretrained("out/adapter")  # out/adapter/README.md now holds the LPT card
+    ```
+    """
     tuner = peft_model.base_model
-    adapter = peft_model.active_adapter
-    config = peft_model.peft_config[adapter]
-    base = config.base_model_name_or_path or "<path or Hub id of the base ViT>"
-    base_class = type(tuner.model).__name__
-    info = dict(getattr(tuner, "card_info", {}) or {})
+    config = peft_model.peft_config[peft_model.active_adapter]
+    info = _card_info(tuner)
 
     card = ModelCard.load(card_path)
-    tags = set(card.data.get("tags") or [])
-    card.data["tags"] = sorted(tags | {"lpt", "long-tailed", "prompt-tuning", "image-classification"})
-    card.data["pipeline_tag"] = "image-classification"
-    if info.get("dataset"):
-        card.data["datasets"] = [info["dataset"]]
+    text = card.text
+    start, end = text.find(_MARKER), text.find(_END_MARKER)
+    is_template = all(sign in text for sign in _TEMPLATE_SIGNS)
+    if start >= 0:
+        before = text[:start]
+        after = text[end + len(_END_MARKER) :] if end > start else ""
+        with_title = text[start + len(_MARKER) :].lstrip().startswith("# ")
+    elif is_template:
+        # peft's empty template: keep only what peft itself manages (the framework versions block).
+        before = ""
+        versions = text.find("### Framework versions")
+        after = "\n\n" + text[versions:].strip() if versions >= 0 else ""
+        with_title = True
+    else:
+        before, after, with_title = text.rstrip() + "\n\n", "", False
 
-    lines = [
-        _MARKER,
-        "## LPT adapter (Long-tailed Prompt Tuning)",
-        "",
-        "This adapter was made with [lpt-peft](https://github.com/) (Dong et al., ICLR 2023). peft does not know the "
-        "LPT method by itself: **`import lpt_peft` before loading**, otherwise peft fails with `KeyError: 'LPT'`.",
-        "",
-        "```python",
-        "import lpt_peft  # registers the LPT PEFT type: import it first",
-        f"from transformers import {base_class}",
-        "from peft import PeftModel",
-        "",
-        f'base = {base_class}.from_pretrained("{base}")',
-        'model = PeftModel.from_pretrained(base, "<this repo id or folder>").eval()',
-        "logits = model(pixel_values=pixel_values).logits  # cosine logits; argmax is the class",
-        "```",
-        "",
-        f"- Base model: `{base}` ({base_class}), hidden size {config.hidden_size}, {config.num_hidden_layers} layers",
-        f"- Phase: {config.phase} ({'shared prompts' if config.phase == 1 else 'shared + group prompts'})",
-        f"- Classes: {config.num_labels}; shared prompts {config.prompt_length} per layer; "
-        f"{config.num_groups} groups x {config.group_prompt_length} prompts for layers > {config.shared_layers}; "
-        f"top-{config.top_k} selection",
-    ]
-    if info.get("dataset"):
-        lines.append(f"- Data set: {info['dataset']}")
-    if info.get("results_markdown"):
-        lines += ["", "### Results", "", info["results_markdown"]]
-    text = card.text.split(_MARKER)[0].rstrip()
-    card.text = text + "\n\n" + "\n".join(lines) + "\n"
+    lines = _section(peft_model, config, info, with_title)
+    card.text = before + "\n".join(lines) + after.rstrip() + "\n"
+    base = info.get("base_model") or config.base_model_name_or_path
+    _clean_metadata(card, base, info.get("dataset"), bool(_results_markdown(info, config.phase)))
     card.save(card_path)

@@ -1,0 +1,636 @@
+"""Interop with timm-style ViT checkpoints: timm ViT weights and the LPT authors' released checkpoint.
+
+Two converters:
+
+- [`timm_vit_to_hf`] maps a timm `VisionTransformer` state dict (e.g. `vit_base_patch16_224.augreg_in21k`, the
+  backbone the LPT authors used) to a HF `ViTModel` with LayerNorm eps 1e-5 (the authors' value; timm uses 1e-6).
+- [`convert_authors_checkpoint`] turns the authors' released checkpoint (a torch pickle
+  `{"config": ..., "state_dict": ..., "val_acc": ...}` holding the timm-style backbone plus `prompt_learner.*`) into a
+  `ViTModel` folder and a phase-2 LPT adapter folder, loadable with
+  `PeftModel.from_pretrained(ViTModel.from_pretrained(base_dir), adapter_dir)` after `import lpt_peft`.
+
+Every dimension is read from the tensor shapes; the number of attention heads cannot be, and defaults to
+`hidden_size / 64` (ViT-S/B/L/H all use 64-wide heads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "AUTHORS_PROMPT_KEYS",
+    "ConvertedCheckpoint",
+    "authors_state_dict_to_lpt",
+    "convert_authors_checkpoint",
+    "infer_vit_config",
+    "load_authors_checkpoint",
+    "read_labels_file",
+    "strip_wrapper_prefixes",
+    "timm_vit_to_hf",
+]
+
+AUTHORS_PROMPT_KEYS = (
+    "prompt_learner.Prompt_Tokens",
+    "prompt_learner.Prompt_Tokens_pool",
+    "prompt_learner.Prompt_Keys",
+    "prompt_learner.head.weight",
+)
+# timm keys that carry no backbone weight LPT needs: the (ImageNet-21k) classifier of timm's model.
+_TIMM_IGNORED = re.compile(r"head\.(weight|bias)")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
+_AUTHORS_LAYER_NORM_EPS = 1e-5
+
+
+def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove the `module.` (DataParallel / DDP) and `_orig_mod.` (torch.compile) prefixes from every key."""
+    out = {}
+    for key, value in state_dict.items():
+        name = key
+        while name.startswith(_WRAPPER_PREFIXES):
+            name = name.split(".", 1)[1]
+        if name in out:
+            raise ValueError(f"Key {key!r} collides with another key after removing the 'module.' prefix.")
+        out[name] = value
+    return out
+
+
+def _get(state_dict: Mapping[str, torch.Tensor], key: str, what: str) -> torch.Tensor:
+    if key not in state_dict:
+        raise ValueError(
+            f"The {what} lacks the key {key!r}. Expected a timm-style ViT (keys like 'cls_token', 'pos_embed', "
+            "'patch_embed.proj.weight', 'blocks.0.attn.qkv.weight', 'norm.weight'); the first keys found are "
+            f"{sorted(state_dict)[:6]}."
+        )
+    value = state_dict[key]
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"Entry {key!r} of the {what} is a {type(value).__name__}, not a tensor.")
+    return value
+
+
+def _check_shape(key: str, tensor: torch.Tensor, expected: tuple[int, ...], why: str = "") -> None:
+    if tuple(tensor.shape) != tuple(expected):
+        raise ValueError(
+            f"Unexpected shape for {key!r}: got {list(tensor.shape)}, expected {list(expected)}"
+            + (f" ({why})." if why else ".")
+        )
+
+
+def infer_vit_config(
+    state_dict: Mapping[str, torch.Tensor],
+    num_attention_heads: int | None = None,
+    layer_norm_eps: float = _AUTHORS_LAYER_NORM_EPS,
+):
+    """Read a `ViTConfig` off the shapes of a timm-style ViT state dict.
+
+    Hidden size, depth, MLP width, patch size, channels and image size (from the position grid, which must be square
+    and include one class token) come from the tensors; heads default to `hidden_size // 64`.
+
+    Args:
+        state_dict: timm-style keys (`cls_token`, `pos_embed`, `patch_embed.proj.*`, `blocks.N.*`, `norm.*`).
+        num_attention_heads: Heads per layer; required when the hidden size is not a multiple of 64.
+        layer_norm_eps: Eps of every LayerNorm (1e-5 reproduces the LPT authors' backbone).
+
+    Example:
+
+    ```python
+    >>> config = infer_vit_config(timm_state_dict)
+    >>> config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.image_size
+    (768, 12, 12, 224)
+    ```
+    """
+    from transformers import ViTConfig
+
+    what = "ViT state dict"
+    proj = _get(state_dict, "patch_embed.proj.weight", what)
+    if proj.dim() != 4 or proj.shape[-1] != proj.shape[-2]:
+        raise ValueError(
+            f"Unexpected shape for 'patch_embed.proj.weight': got {list(proj.shape)}, expected "
+            "[hidden, channels, patch, patch] with square patches."
+        )
+    hidden, channels, patch = int(proj.shape[0]), int(proj.shape[1]), int(proj.shape[-1])
+    _check_shape("cls_token", _get(state_dict, "cls_token", what), (1, 1, hidden), "one class token")
+    pos = _get(state_dict, "pos_embed", what)
+    if pos.dim() != 3 or pos.shape[0] != 1 or pos.shape[2] != hidden:
+        raise ValueError(
+            f"Unexpected shape for 'pos_embed': got {list(pos.shape)}, expected [1, 1 + patches, {hidden}]."
+        )
+    num_patches = int(pos.shape[1]) - 1
+    grid = math.isqrt(max(num_patches, 0))
+    if num_patches < 1 or grid * grid != num_patches:
+        raise ValueError(
+            f"'pos_embed' has {pos.shape[1]} positions; expected 1 class token + a square grid of patches (e.g. "
+            "1 + 14 * 14 = 197). Models without a class token or with register tokens are not supported."
+        )
+    indices = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))})
+    if not indices:
+        raise ValueError("The ViT state dict has no 'blocks.N.*' keys: it holds no transformer layers.")
+    if indices != list(range(len(indices))):
+        missing = sorted(set(range(indices[-1] + 1)) - set(indices))
+        raise ValueError(f"The ViT state dict lacks the layers {missing} (found blocks {indices}).")
+    intermediate = int(_get(state_dict, "blocks.0.mlp.fc1.weight", what).shape[0])
+    if num_attention_heads is None:
+        if hidden % 64:
+            raise ValueError(
+                f"Cannot infer the number of attention heads for hidden size {hidden} (not a multiple of the usual "
+                "head width 64). Pass num_attention_heads= (--num_heads on the command line)."
+            )
+        num_attention_heads = hidden // 64
+    if isinstance(num_attention_heads, bool) or not isinstance(num_attention_heads, int) or num_attention_heads < 1:
+        raise ValueError(f"num_attention_heads must be a positive integer, got {num_attention_heads!r}.")
+    if hidden % num_attention_heads:
+        raise ValueError(f"num_attention_heads={num_attention_heads} does not divide the hidden size {hidden}.")
+    return ViTConfig(
+        hidden_size=hidden,
+        num_hidden_layers=len(indices),
+        num_attention_heads=num_attention_heads,
+        intermediate_size=intermediate,
+        hidden_act="gelu",  # timm's nn.GELU is the exact (erf) GELU, as HF's "gelu"
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        layer_norm_eps=float(layer_norm_eps),
+        image_size=grid * patch,
+        patch_size=patch,
+        num_channels=channels,
+        qkv_bias="blocks.0.attn.qkv.bias" in state_dict,
+    )
+
+
+def _timm_to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], config) -> tuple[dict[str, torch.Tensor], set]:
+    """Map timm keys to `ViTModel` keys, checking every shape. Returns the new dict and the timm keys used."""
+    what = "ViT state dict"
+    d, inner = config.hidden_size, config.intermediate_size
+    used: set[str] = set()
+    out: dict[str, torch.Tensor] = {}
+
+    def take(key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        tensor = _get(state_dict, key, what)
+        _check_shape(key, tensor, shape)
+        used.add(key)
+        return tensor.detach().to(torch.float32).clone()
+
+    patch, channels = config.patch_size, config.num_channels
+    grid = config.image_size // patch
+    out["embeddings.cls_token"] = take("cls_token", (1, 1, d))
+    out["embeddings.position_embeddings"] = take("pos_embed", (1, 1 + grid * grid, d))
+    out["embeddings.patch_embeddings.projection.weight"] = take("patch_embed.proj.weight", (d, channels, patch, patch))
+    out["embeddings.patch_embeddings.projection.bias"] = take("patch_embed.proj.bias", (d,))
+    for i in range(config.num_hidden_layers):
+        src, dst = f"blocks.{i}.", f"layers.{i}."
+        # timm fuses q, k and v in one projection whose rows are [q; k; v].
+        q, k, v = take(src + "attn.qkv.weight", (3 * d, d)).chunk(3, dim=0)
+        names = ("q_proj", "k_proj", "v_proj")
+        for name, tensor in zip(names, (q, k, v)):
+            out[f"{dst}attention.{name}.weight"] = tensor.contiguous()
+        if config.qkv_bias:
+            for name, tensor in zip(names, take(src + "attn.qkv.bias", (3 * d,)).chunk(3)):
+                out[f"{dst}attention.{name}.bias"] = tensor.contiguous()
+        pairs = (
+            ("norm1", "layernorm_before", (d,), (d,)),
+            ("attn.proj", "attention.o_proj", (d, d), (d,)),
+            ("norm2", "layernorm_after", (d,), (d,)),
+            ("mlp.fc1", "mlp.fc1", (inner, d), (inner,)),
+            ("mlp.fc2", "mlp.fc2", (d, inner), (d,)),
+        )
+        for timm_name, hf_name, weight_shape, bias_shape in pairs:
+            out[f"{dst}{hf_name}.weight"] = take(f"{src}{timm_name}.weight", weight_shape)
+            out[f"{dst}{hf_name}.bias"] = take(f"{src}{timm_name}.bias", bias_shape)
+    out["layernorm.weight"] = take("norm.weight", (d,))
+    out["layernorm.bias"] = take("norm.bias", (d,))
+    return out, used
+
+
+def _check_leftovers(leftover: list[str], strict: bool, what: str, hint: str) -> None:
+    if not leftover:
+        return
+    message = f"The {what} has {len(leftover)} key(s) that the converter does not know: {leftover[:10]}. {hint}"
+    if strict:
+        raise ValueError(message + " Pass strict=False (--no_strict) to ignore them.")
+    warnings.warn(message + " They are ignored (strict=False).", stacklevel=3)
+
+
+def timm_vit_to_hf(
+    state_dict: Mapping[str, torch.Tensor],
+    num_attention_heads: int | None = None,
+    layer_norm_eps: float = _AUTHORS_LAYER_NORM_EPS,
+    strict: bool = True,
+    attn_implementation: str = "sdpa",
+):
+    """Convert a timm `VisionTransformer` state dict into a HF `ViTModel` (no pooler, dropouts 0, eval mode).
+
+    Handles the classic timm ViT layout (class token, learned absolute positions, fused `qkv`, pre-norm blocks,
+    final `norm`). timm's classifier `head.*` is dropped. Variants with LayerScale, register tokens, q/k norms or
+    global-average pooling have other keys and are rejected (with `strict=True`) instead of silently mis-converted.
+
+    Args:
+        state_dict: The timm state dict; `module.` prefixes are removed.
+        num_attention_heads: Heads per layer (default `hidden_size // 64`: 12 for ViT-B).
+        layer_norm_eps: LayerNorm eps of the HF model. 1e-5 reproduces the LPT authors' backbone; timm's own
+            ViTs use 1e-6.
+        strict: Raise on keys the converter does not map (other than `head.*`).
+        attn_implementation: `"sdpa"` or `"eager"`.
+
+    Returns:
+        A `transformers.ViTModel`; call `.save_pretrained(folder)` to get a checkpoint folder.
+
+    Example:
+
+    ```python
+    >>> import timm  # only needed to obtain the weights
+    >>> from lpt_peft.convert_authors import timm_vit_to_hf
+
+    >>> timm_model = timm.create_model("vit_base_patch16_224.augreg_in21k", pretrained=True)
+    >>> vit = timm_vit_to_hf(timm_model.state_dict())  # LayerNorm eps 1e-5, as the LPT authors ran it
+    >>> vit.save_pretrained("vit-b16-augreg-in21k-hf")
+    ```
+    """
+    state_dict = strip_wrapper_prefixes(state_dict)
+    config = infer_vit_config(state_dict, num_attention_heads=num_attention_heads, layer_norm_eps=layer_norm_eps)
+    hf_state, used = _timm_to_hf_state_dict(state_dict, config)
+    leftover = sorted(k for k in state_dict if k not in used and not _TIMM_IGNORED.fullmatch(k))
+    _check_leftovers(
+        leftover,
+        strict,
+        "ViT state dict",
+        "Only the classic timm ViT (class token, fused qkv, no LayerScale / registers / q-k norm) is supported.",
+    )
+    return _build_vit(config, hf_state, attn_implementation)
+
+
+def _build_vit(config, hf_state: dict[str, torch.Tensor], attn_implementation: str):
+    from transformers import ViTModel
+
+    if attn_implementation not in ("sdpa", "eager"):
+        raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}.")
+    config._attn_implementation = attn_implementation
+    model = ViTModel(config, add_pooling_layer=False)
+    result = model.load_state_dict(hf_state, strict=False)
+    # The optional mask token (masked image modelling) is the only weight a timm ViT does not provide.
+    missing = [k for k in result.missing_keys if k != "embeddings.mask_token"]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"Internal mapping error (transformers' ViT layout may have changed): missing {missing[:5]}, unexpected "
+            f"{result.unexpected_keys[:5]}. This lpt_peft version supports transformers>=5.9,<6."
+        )
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------- authors' checkpoint
+def _safe_globals() -> list:
+    """Harmless types found in research checkpoints beside tensors: argparse options and numpy scalars."""
+    import numpy as np
+
+    multiarray = getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray
+    types = [argparse.Namespace, multiarray.scalar, np.dtype]
+    types += [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
+    return types
+
+
+def load_authors_checkpoint(
+    path: str | os.PathLike, trust_pickle: bool = False
+) -> tuple[dict[str, torch.Tensor], Any, Any]:
+    """Load the authors' checkpoint file: returns `(state_dict, stored_config, val_acc)`.
+
+    The file is first read with `torch.load(weights_only=True)` (tensors, plain containers, argparse namespaces and
+    numpy scalars only), which cannot run code. If the file holds other Python objects, that fails and the error
+    explains the choice: a full unpickle (`weights_only=False`) executes whatever code the file contains, so it only
+    happens with `trust_pickle=True`, and then with a warning.
+
+    Args:
+        path: The `.pth` / `.pt` file.
+        trust_pickle: Allow the full (code-executing) unpickle when the safe load fails. Only for files from a
+            source you trust.
+
+    Example:
+
+    ```python
+    >>> state_dict, stored_config, val_acc = load_authors_checkpoint("places_lt_lpt.pth")
+    >>> state_dict["prompt_learner.Prompt_Keys"].shape
+    torch.Size([20, 768])
+    ```
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint file {str(path)!r} does not exist.")
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError or AttributeError here
+        if not trust_pickle:
+            raise ValueError(
+                f"{str(path)!r} cannot be loaded safely (torch.load with weights_only=True failed: "
+                f"{str(err).splitlines()[0][:300]}). It holds Python objects beyond tensors, and loading those runs "
+                "code stored in the file. If you trust its source, pass trust_pickle=True (--trust_pickle on the "
+                "command line)."
+            ) from err
+        warnings.warn(
+            f"Loading {str(path)!r} with torch.load(weights_only=False): unpickling executes code stored in the "
+            "file. Do this only for files from a source you trust.",
+            stacklevel=2,
+        )
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+
+    stored_config, val_acc = None, None
+    if isinstance(checkpoint, Mapping) and any(k in checkpoint for k in ("state_dict", "model")):
+        state_dict = checkpoint["state_dict"] if "state_dict" in checkpoint else checkpoint["model"]
+        stored_config, val_acc = checkpoint.get("config"), checkpoint.get("val_acc")
+    else:
+        state_dict = checkpoint  # a bare state dict
+    if not isinstance(state_dict, Mapping) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(
+            f"{str(path)!r} does not hold a state dict: expected {{'config': ..., 'state_dict': {{name: tensor}}, "
+            f"'val_acc': ...}} or a bare {{name: tensor}} dict, got {type(checkpoint).__name__} with keys "
+            f"{list(checkpoint)[:5] if isinstance(checkpoint, Mapping) else 'none'}."
+        )
+    if isinstance(stored_config, argparse.Namespace):
+        stored_config = vars(stored_config)
+    return strip_wrapper_prefixes(state_dict), stored_config, val_acc
+
+
+def read_labels_file(path: str | os.PathLike) -> dict[int, str]:
+    """Read class names into `{index: name}` from one of three formats.
+
+    - one name per line; the line order is the class index;
+    - `name index` lines, such as Places365's `categories_places365.txt` (`/a/airfield 0`);
+    - a split file of `relative/path index` lines, such as `Places_LT_train.txt` (`train/airfield/0001.jpg 0`): the
+      name of a class is the folder its images sit in.
+
+    Example:
+
+    ```python
+    >>> read_labels_file("shared/data/places_lt/Places_LT_train.txt")[0]
+    'airfield'
+    ```
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Labels file {str(path)!r} does not exist.")
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    parts = [line.rsplit(maxsplit=1) for line in lines]
+    if not parts or not all(len(p) == 2 and p[1].isdigit() for p in parts):
+        return dict(enumerate(lines))
+    names: dict[int, set[str]] = {}
+    for name, index in parts:
+        names.setdefault(int(index), set()).add(name)
+    if any(len(v) > 1 for v in names.values()):
+        # A split file: many images per class; the class is the image's folder.
+        names = {i: {Path(n).parent.name for n in v} for i, v in names.items()}
+        clash = {i: sorted(v) for i, v in names.items() if len(v) > 1}
+        if clash:
+            raise ValueError(
+                f"{str(path)!r} gives class {next(iter(clash))} several names {next(iter(clash.values()))[:3]}; pass "
+                "a file with one name per class."
+            )
+    if sorted(names) != list(range(len(names))):
+        raise ValueError(f"{str(path)!r} does not number its classes 0..{len(names) - 1} without gaps.")
+    return {i: next(iter(v)) for i, v in sorted(names.items())}
+
+
+@dataclass
+class _AuthorsParts:
+    vit: Any  # the converted ViTModel, not yet wrapped
+    shared: torch.Tensor  # (L, P, D)
+    pool: torch.Tensor  # (m, L - K, Pg, D)
+    keys: torch.Tensor  # (m, D)
+    head: torch.Tensor  # (D, C)
+
+    @property
+    def shared_layers(self) -> int:
+        return self.shared.shape[0] - self.pool.shape[1]
+
+
+def _parse_authors_state_dict(
+    state_dict: Mapping[str, torch.Tensor], num_attention_heads: int | None, strict: bool, attn_implementation: str
+) -> _AuthorsParts:
+    state_dict = strip_wrapper_prefixes(state_dict)
+    what = "authors' checkpoint"
+    config = infer_vit_config(state_dict, num_attention_heads=num_attention_heads)
+    d, depth = config.hidden_size, config.num_hidden_layers
+    shared = _get(state_dict, "prompt_learner.Prompt_Tokens", what)
+    pool = _get(state_dict, "prompt_learner.Prompt_Tokens_pool", what)
+    keys = _get(state_dict, "prompt_learner.Prompt_Keys", what)
+    head = _get(state_dict, "prompt_learner.head.weight", what)
+    if shared.dim() != 3 or tuple(shared.shape[::2]) != (depth, d):
+        raise ValueError(
+            f"Unexpected shape for 'prompt_learner.Prompt_Tokens': got {list(shared.shape)}, expected "
+            f"[{depth} (one row per layer), prompts, {d}]."
+        )
+    if pool.dim() != 4 or pool.shape[-1] != d or not 1 <= pool.shape[1] <= depth:
+        raise ValueError(
+            f"Unexpected shape for 'prompt_learner.Prompt_Tokens_pool': got {list(pool.shape)}, expected "
+            f"[groups, layers with group prompts (1..{depth}), prompts, {d}]."
+        )
+    _check_shape("prompt_learner.Prompt_Keys", keys, (pool.shape[0], d), "one key per prompt group")
+    if head.dim() != 2 or head.shape[0] != d or head.shape[1] < 2:
+        raise ValueError(
+            f"Unexpected shape for 'prompt_learner.head.weight': got {list(head.shape)}, expected [{d}, classes] "
+            "(the authors' cosine classifier stores classes as columns)."
+        )
+    hf_state, used = _timm_to_hf_state_dict(state_dict, config)
+    used |= set(AUTHORS_PROMPT_KEYS)
+    leftover = sorted(k for k in state_dict if k not in used and not _TIMM_IGNORED.fullmatch(k))
+    _check_leftovers(leftover, strict, what, "Expected the timm ViT keys plus " + ", ".join(AUTHORS_PROMPT_KEYS) + ".")
+    vit = _build_vit(config, hf_state, attn_implementation)
+    return _AuthorsParts(vit, *(t.detach().to(torch.float32) for t in (shared, pool, keys, head)))
+
+
+def _wrap_authors_parts(
+    parts: _AuthorsParts, top_k: int, id2label: Mapping[int, str] | None, base_model_name_or_path: str | None
+):
+    from peft import get_peft_model
+
+    from .config import LPTConfig
+
+    num_groups, _, group_length, _ = parts.pool.shape
+    lpt_config = LPTConfig(
+        num_labels=int(parts.head.shape[1]),
+        prompt_length=int(parts.shared.shape[1]),
+        num_groups=int(num_groups),
+        group_prompt_length=int(group_length),
+        top_k=top_k,
+        shared_layers=parts.shared_layers,
+        layer_norm_eps=_AUTHORS_LAYER_NORM_EPS,
+        id2label=dict(id2label) if id2label is not None else None,
+        phase=2,
+    )
+    if base_model_name_or_path:
+        # get_peft_model records the base model's own name in the adapter config (and warns if they differ).
+        parts.vit.name_or_path = base_model_name_or_path
+        parts.vit.config._name_or_path = base_model_name_or_path
+    model = get_peft_model(parts.vit, lpt_config)
+    adapter = model.active_adapter
+    prefix = "base_model.model.layers"
+    weights = {f"base_model.lpt_keys.{adapter}": parts.keys, f"base_model.lpt_head.{adapter}": parts.head}
+    for i in range(parts.shared.shape[0]):
+        weights[f"{prefix}.{i}.attention.lpt_shared_prompt.{adapter}"] = parts.shared[i]
+        if i >= parts.shared_layers:
+            weights[f"{prefix}.{i}.attention.lpt_group_prompt.{adapter}"] = parts.pool[:, i - parts.shared_layers]
+    result = model.load_state_dict({k: v.contiguous() for k, v in weights.items()}, strict=False)
+    not_filled = [k for k in result.missing_keys if ".lpt_" in k]
+    if result.unexpected_keys or not_filled:
+        raise RuntimeError(
+            f"Internal mapping error (the LPT adapter layout changed?): unexpected {result.unexpected_keys[:4]}, "
+            f"not filled {not_filled[:4]}."
+        )
+    model.base_model.set_phase(2)
+    return model.eval()
+
+
+def authors_state_dict_to_lpt(
+    state_dict: Mapping[str, torch.Tensor],
+    num_attention_heads: int | None = None,
+    top_k: int = 2,
+    id2label: Mapping[int, str] | None = None,
+    strict: bool = True,
+    base_model_name_or_path: str | None = None,
+    attn_implementation: str = "sdpa",
+):
+    """Build the phase-2 LPT `PeftModel` equal to the authors' model from their state dict (in memory).
+
+    Shapes give everything: `Prompt_Tokens` `(L, P, D)` holds the shared prompts of layer i at `[i]`;
+    `Prompt_Tokens_pool` `(m, L - K, Pg, D)` holds the group prompts of layer i >= K at `[:, i - K]` (so
+    K = L - its second dimension); `Prompt_Keys` `(m, D)`; `head.weight` `(D, C)` is the cosine classifier with
+    classes as columns.
+
+    Args:
+        state_dict: The authors' state dict (`module.` prefixes allowed).
+        num_attention_heads: Heads per layer (default `D // 64`).
+        top_k: Groups selected per image (the authors use 2).
+        id2label: Class names `{index: name}`; default `"0"`, `"1"`, ...
+        strict: Raise on keys that are neither backbone nor prompt weights.
+        base_model_name_or_path: Recorded in the adapter config (where the converted base will live).
+        attn_implementation: `"sdpa"` or `"eager"`.
+
+    Returns:
+        The `PeftModel` (eval mode, phase 2) around the converted `ViTModel`.
+
+    Example:
+
+    ```python
+    >>> state_dict, _, _ = load_authors_checkpoint("places_lt_lpt.pth")
+    >>> model = authors_state_dict_to_lpt(state_dict)
+    >>> model(pixel_values=pixel_values).logits.shape
+    torch.Size([8, 365])
+    ```
+    """
+    parts = _parse_authors_state_dict(state_dict, num_attention_heads, strict, attn_implementation)
+    return _wrap_authors_parts(parts, top_k, id2label, base_model_name_or_path)
+
+
+@dataclass
+class ConvertedCheckpoint:
+    """What [`convert_authors_checkpoint`] wrote.
+
+    Args:
+        model: The phase-2 `PeftModel` (already in memory; equal to what the two folders load).
+        base_dir / adapter_dir: The written folders.
+        stored_config: The `config` entry of the checkpoint (a dict; None when absent).
+        val_acc: The `val_acc` entry of the checkpoint (None when absent).
+    """
+
+    model: Any
+    base_dir: Path
+    adapter_dir: Path
+    stored_config: Any
+    val_acc: Any
+
+
+def _stored_top_k(stored_config: Any) -> int | None:
+    if isinstance(stored_config, Mapping):
+        for key in ("topk", "top_k"):
+            value = stored_config.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def convert_authors_checkpoint(
+    checkpoint: str | os.PathLike,
+    base_dir: str | os.PathLike,
+    adapter_dir: str | os.PathLike,
+    num_attention_heads: int | None = None,
+    top_k: int | None = None,
+    id2label: Mapping[int, str] | None = None,
+    dataset: str | None = None,
+    trust_pickle: bool = False,
+    strict: bool = True,
+    base_model_name_or_path: str | None = None,
+) -> ConvertedCheckpoint:
+    """Convert the LPT authors' released checkpoint into a `ViTModel` folder and a phase-2 LPT adapter folder.
+
+    Both folders also get a `preprocessor_config.json` with the authors' evaluation preprocessing (resize to
+    `image_size * 256 / 224` square, centre crop `image_size`, mean = std = 0.5), which
+    [`lpt_peft.inference.load_classifier`] and `AutoImageProcessor` read.
+
+    Args:
+        checkpoint: The authors' `.pth` file (`{"config", "state_dict", "val_acc"}`; `module.` prefixes allowed).
+        base_dir: Output folder of the backbone (`ViTModel.save_pretrained`).
+        adapter_dir: Output folder of the adapter (`PeftModel.save_pretrained`).
+        num_attention_heads: Heads per layer (default `D // 64`).
+        top_k: Groups per image; default: the checkpoint's `config["topk"]` if present, else 2.
+        id2label: Class names `{index: name}` (see [`read_labels_file`]).
+        dataset: Data set name for the model card (e.g. `"places_lt"`).
+        trust_pickle: See [`load_authors_checkpoint`].
+        strict: Raise on unknown keys.
+        base_model_name_or_path: What the adapter records as its base (default: `base_dir` as given). Set it to the
+            Hub id if you will upload the converted base there.
+
+    Example:
+
+    ```python
+    >>> import lpt_peft
+    >>> from lpt_peft.convert_authors import convert_authors_checkpoint
+    >>> from peft import PeftModel
+    >>> from transformers import ViTModel
+
+    >>> convert_authors_checkpoint("places_lt_lpt.pth", "converted/base", "converted/adapter", dataset="places_lt")
+    >>> base = ViTModel.from_pretrained("converted/base", add_pooling_layer=False)
+    >>> model = PeftModel.from_pretrained(base, "converted/adapter").eval()
+    ```
+    """
+    from .inference import save_preprocessing
+
+    state_dict, stored_config, val_acc = load_authors_checkpoint(checkpoint, trust_pickle=trust_pickle)
+    top_k = top_k if top_k is not None else (_stored_top_k(stored_config) or 2)
+    base_dir, adapter_dir = Path(base_dir), Path(adapter_dir)
+    base_name = base_model_name_or_path or str(base_dir)
+    parts = _parse_authors_state_dict(state_dict, num_attention_heads, strict, attn_implementation="sdpa")
+    vit_config = parts.vit.config
+    preprocessing = {"image_size": vit_config.image_size, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    # The backbone is saved before the prompts are injected, so its folder holds plain ViT weights only.
+    parts.vit.save_pretrained(base_dir)
+    save_preprocessing(base_dir, **preprocessing)
+    model = _wrap_authors_parts(parts, top_k, id2label, base_name)
+
+    notes = [f"Converted with `lpt_peft.convert_authors` from the LPT authors' checkpoint `{Path(checkpoint).name}`."]
+    if val_acc is not None:
+        notes.append(f"The checkpoint records val_acc = {_scalar(val_acc)} (the authors' own evaluation).")
+    model.base_model.card_info = {
+        "dataset": dataset,
+        "base_model": base_name,
+        "preprocessing": {**preprocessing, "resize_size": round(vit_config.image_size * 256 / 224)},
+        "notes": notes,
+    }
+    model.save_pretrained(adapter_dir)
+    save_preprocessing(adapter_dir, **preprocessing)
+    return ConvertedCheckpoint(model, base_dir, adapter_dir, stored_config, val_acc)
+
+
+def _scalar(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            return value.item()
+        except (TypeError, ValueError):
+            return value
+    return value

@@ -1,0 +1,333 @@
+"""The authors' checkpoint and timm ViT converters against a timm-style forward written here from the raw tensors."""
+
+import argparse
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from transformers import ViTModel
+
+import lpt_peft  # noqa: F401  (registers LPT with peft)
+from lpt_peft.convert_authors import (
+    convert_authors_checkpoint,
+    load_authors_checkpoint,
+    read_labels_file,
+    timm_vit_to_hf,
+)
+
+# Small dimensions with the authors' layout: D=32, L=4, 2 heads, P=3, m=5, Pg=2, K=2, C=7, 32 px, patch 8.
+D, L, HEADS, P, M, PG, K, C, IMAGE, PATCH, MLP = 32, 4, 2, 3, 5, 2, 2, 7, 32, 8, 64
+EPS = 1e-5
+REPO = Path(__file__).resolve().parents[1]
+
+
+def timm_vit_state_dict(seed=0):
+    """A random timm-style ViT state dict (the keys of timm's VisionTransformer), LayerNorms away from 1/0."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=0.2, offset=0.0):
+        return torch.randn(*shape, generator=gen) * scale + offset
+
+    grid = IMAGE // PATCH
+    sd = {
+        "cls_token": rand(1, 1, D),
+        "pos_embed": rand(1, 1 + grid * grid, D),
+        "patch_embed.proj.weight": rand(D, 3, PATCH, PATCH, scale=0.05),
+        "patch_embed.proj.bias": rand(D),
+        "norm.weight": rand(D, offset=1.0),
+        "norm.bias": rand(D),
+    }
+    for i in range(L):
+        b = f"blocks.{i}."
+        sd.update(
+            {
+                b + "norm1.weight": rand(D, offset=1.0),
+                b + "norm1.bias": rand(D),
+                b + "attn.qkv.weight": rand(3 * D, D),
+                b + "attn.qkv.bias": rand(3 * D),
+                b + "attn.proj.weight": rand(D, D),
+                b + "attn.proj.bias": rand(D),
+                b + "norm2.weight": rand(D, offset=1.0),
+                b + "norm2.bias": rand(D),
+                b + "mlp.fc1.weight": rand(MLP, D),
+                b + "mlp.fc1.bias": rand(MLP),
+                b + "mlp.fc2.weight": rand(D, MLP),
+                b + "mlp.fc2.bias": rand(D),
+            }
+        )
+    return sd
+
+
+def add_prompt_learner(sd, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    sd = dict(sd)
+    sd["prompt_learner.Prompt_Tokens"] = torch.randn(L, P, D, generator=gen)
+    sd["prompt_learner.Prompt_Tokens_pool"] = torch.randn(M, L - K, PG, D, generator=gen)
+    sd["prompt_learner.Prompt_Keys"] = torch.randn(M, D, generator=gen)
+    sd["prompt_learner.head.weight"] = torch.randn(D, C, generator=gen)
+    return sd
+
+
+# ------------------------------------------------------------------ an independent timm-style forward
+def timm_block(sd, i, x):
+    """One pre-norm block with fused qkv (rows q, k, v), exact GELU, eps 1e-5."""
+    b = f"blocks.{i}."
+    batch, n, _ = x.shape
+    h = F.layer_norm(x, (D,), sd[b + "norm1.weight"], sd[b + "norm1.bias"], EPS)
+    qkv = (h @ sd[b + "attn.qkv.weight"].T + sd[b + "attn.qkv.bias"]).reshape(batch, n, 3, HEADS, D // HEADS)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    attn = ((q @ k.transpose(-2, -1)) / math.sqrt(D // HEADS)).softmax(dim=-1)
+    out = (attn @ v).transpose(1, 2).reshape(batch, n, D)
+    x = x + out @ sd[b + "attn.proj.weight"].T + sd[b + "attn.proj.bias"]
+    h = F.layer_norm(x, (D,), sd[b + "norm2.weight"], sd[b + "norm2.bias"], EPS)
+    h = F.gelu(h @ sd[b + "mlp.fc1.weight"].T + sd[b + "mlp.fc1.bias"])
+    return x + h @ sd[b + "mlp.fc2.weight"].T + sd[b + "mlp.fc2.bias"]
+
+
+def timm_features(sd, images, prompts_per_layer=None):
+    """Patch conv, class token, positions, blocks (prompts appended as tokens, dropped after each block), final norm.
+
+    `prompts_per_layer[i]` is (batch, n_i, D) or None. Returns the CLS feature.
+    """
+    x = F.conv2d(images, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=PATCH)
+    x = x.flatten(2).transpose(1, 2)
+    x = torch.cat([sd["cls_token"].expand(len(images), -1, -1), x], dim=1) + sd["pos_embed"]
+    for i in range(L):
+        prompts = None if prompts_per_layer is None else prompts_per_layer[i]
+        if prompts is None:
+            x = timm_block(sd, i, x)
+        else:
+            n = x.shape[1]
+            x = timm_block(sd, i, torch.cat([x, prompts], dim=1))[:, :n]
+    return F.layer_norm(x, (D,), sd["norm.weight"], sd["norm.bias"], EPS)[:, 0]
+
+
+def authors_phase2_forward(sd, images, top_k=2):
+    """Query pass with shared prompts; top-k keys by cosine; main pass with shared + mean group prompts; cos head."""
+    batch = len(images)
+    shared = sd["prompt_learner.Prompt_Tokens"]
+    pool = sd["prompt_learner.Prompt_Tokens_pool"]
+    query = timm_features(sd, images, [shared[i].expand(batch, -1, -1) for i in range(L)])
+    sim = F.normalize(query, dim=-1) @ F.normalize(sd["prompt_learner.Prompt_Keys"], dim=-1).T
+    chosen = sim.topk(top_k, dim=-1).indices
+    mean_group = pool[chosen].mean(dim=1)  # (batch, L - K, PG, D)
+    prompts = [
+        shared[i].expand(batch, -1, -1)
+        if i < K
+        else torch.cat([shared[i].expand(batch, -1, -1), mean_group[:, i - K]], 1)
+        for i in range(L)
+    ]
+    feature = timm_features(sd, images, prompts)
+    head = sd["prompt_learner.head.weight"]
+    return F.normalize(feature, dim=-1) @ F.normalize(head, dim=0), chosen, query
+
+
+@pytest.fixture(scope="module")
+def authors_state():
+    sd = add_prompt_learner(timm_vit_state_dict())
+    images = torch.randn(6, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(5))
+    # Keys at the queries of five images, so that the images select different groups.
+    with torch.no_grad():
+        queries = timm_features(
+            sd, images, [sd["prompt_learner.Prompt_Tokens"][i].expand(6, -1, -1) for i in range(L)]
+        )
+    sd["prompt_learner.Prompt_Keys"] = queries[:M].clone()
+    return sd, images
+
+
+def save_checkpoint(path, state_dict, prefix="", **extra):
+    torch.save(
+        {"config": {"topk": 2, "lr": 0.02}, "state_dict": {prefix + k: v for k, v in state_dict.items()}, **extra},
+        path,
+    )
+
+
+@pytest.mark.parametrize("prefix", ["", "module."])
+def test_converted_checkpoint_equals_authors_forward(authors_state, tmp_path, prefix, capsys):
+    sd, images = authors_state
+    ckpt = tmp_path / "lpt.pth"
+    save_checkpoint(ckpt, sd, prefix=prefix, val_acc=0.4321)
+    result = convert_authors_checkpoint(
+        ckpt, tmp_path / "base", tmp_path / "adapter", num_attention_heads=HEADS, dataset="places_lt"
+    )
+    assert result.val_acc == pytest.approx(0.4321) and result.stored_config == {"topk": 2, "lr": 0.02}
+
+    base = ViTModel.from_pretrained(tmp_path / "base")  # the brief's loading line, pooler and all
+    model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    config = model.peft_config["default"]
+    assert (config.phase, config.shared_layers, config.num_groups, config.top_k) == (2, K, M, 2)
+    assert (config.prompt_length, config.group_prompt_length, config.num_labels) == (P, PG, C)
+    assert base.config.layer_norm_eps == EPS and base.config.num_attention_heads == HEADS
+    assert all(m.eps == EPS for m in base.modules() if isinstance(m, torch.nn.LayerNorm))
+
+    with torch.no_grad():
+        expected, chosen, query = authors_phase2_forward(sd, images)
+        out = model(pixel_values=images)
+    assert torch.equal(out.group_indices, chosen)
+    assert len({tuple(sorted(r.tolist())) for r in chosen}) > 1  # per-image groups are exercised
+    torch.testing.assert_close(out.query, query, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=0)
+
+    # Saved files: plain ViT weights in the base folder (no prompts), preprocessing in both, card with the data set.
+    from safetensors.torch import load_file
+
+    base_keys = set(load_file(tmp_path / "base" / "model.safetensors"))
+    assert len(base_keys) == 4 + 16 * L + 2 and not any("lpt" in k or "prompt" in k for k in base_keys)
+    assert config.base_model_name_or_path == str(tmp_path / "base")
+    assert json.loads((tmp_path / "base" / "config.json").read_text())["layer_norm_eps"] == EPS
+    for folder in ("base", "adapter"):
+        pre = json.loads((tmp_path / folder / "preprocessor_config.json").read_text())
+        assert pre["size"] == {"height": 37, "width": 37} and pre["crop_size"] == {"height": 32, "width": 32}
+        assert pre["image_mean"] == [0.5] * 3 and pre["image_std"] == [0.5] * 3
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "places_lt" in card and "0.4321" in card
+
+
+def test_phase2_differs_from_shared_prompts_only(authors_state, tmp_path):
+    """Guards the test above: the group prompts change the logits, so their mapping is really checked."""
+    sd, images = authors_state
+    save_checkpoint(tmp_path / "c.pth", sd)
+    model = convert_authors_checkpoint(
+        tmp_path / "c.pth", tmp_path / "b", tmp_path / "a", num_attention_heads=HEADS
+    ).model
+    with torch.no_grad():
+        shuffled = dict(sd)
+        shuffled["prompt_learner.Prompt_Tokens_pool"] = sd["prompt_learner.Prompt_Tokens_pool"].flip(1)
+        wrong, _, _ = authors_phase2_forward(shuffled, images)
+        out = model(pixel_values=images)
+    assert (out.logits - wrong).abs().max() > 1e-3
+
+
+def test_timm_vit_to_hf_matches_timm_forward():
+    sd = timm_vit_state_dict(seed=3)
+    sd["head.weight"], sd["head.bias"] = torch.randn(11, D), torch.randn(11)  # timm's classifier: dropped
+    vit = timm_vit_to_hf(sd, num_attention_heads=HEADS)
+    assert isinstance(vit, ViTModel) and vit.pooler is None
+    assert (vit.config.image_size, vit.config.patch_size, vit.config.intermediate_size) == (IMAGE, PATCH, MLP)
+    assert all(m.eps == EPS for m in vit.modules() if isinstance(m, torch.nn.LayerNorm))
+    images = torch.randn(3, 3, IMAGE, IMAGE)
+    with torch.no_grad():
+        expected = timm_features(sd, images)
+        got = vit(pixel_values=images).last_hidden_state[:, 0]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    # With timm's own eps (1e-6) the features move: the eps is really applied.
+    vit6 = timm_vit_to_hf(sd, num_attention_heads=HEADS, layer_norm_eps=1e-6)
+    assert all(m.eps == 1e-6 for m in vit6.modules() if isinstance(m, torch.nn.LayerNorm))
+
+
+def test_heads_default_to_width_over_64():
+    sd = timm_vit_state_dict()
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        timm_vit_to_hf(sd)  # 32 is not a multiple of 64
+    big = {k: v for k, v in sd.items()}
+    for key in list(big):
+        if key.startswith(("blocks.1", "blocks.2", "blocks.3")):
+            del big[key]
+    # A width-128 one-layer model: 2 heads of 64 inferred.
+    widen = {
+        k: torch.zeros([128 if s == D else (3 * 128 if s == 3 * D else s) for s in v.shape]) for k, v in big.items()
+    }
+    assert timm_vit_to_hf(widen).config.num_attention_heads == 2
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda sd: sd.pop("blocks.1.attn.qkv.bias"), "blocks.1.attn.qkv.bias"),
+        (lambda sd: sd.pop("prompt_learner.Prompt_Keys"), "prompt_learner.Prompt_Keys"),
+        (lambda sd: sd.update({"prompt_learner.Prompt_Keys": torch.zeros(M, D + 1)}), "prompt_learner.Prompt_Keys"),
+        (lambda sd: sd.update({"prompt_learner.head.weight": torch.zeros(C, D)}), "prompt_learner.head.weight"),
+        (lambda sd: sd.update({"blocks.2.mlp.fc2.weight": torch.zeros(D, MLP + 1)}), "blocks.2.mlp.fc2.weight"),
+        (lambda sd: sd.update({"prompt_learner.Prompt_Tokens": torch.zeros(L - 1, P, D)}), "Prompt_Tokens'"),
+        (lambda sd: sd.update({"blocks.0.ls1.gamma": torch.zeros(D)}), "blocks.0.ls1.gamma"),
+    ],
+)
+def test_bad_checkpoints_name_the_key(authors_state, tmp_path, change, message):
+    sd = dict(authors_state[0])
+    change(sd)
+    save_checkpoint(tmp_path / "bad.pth", sd)
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        convert_authors_checkpoint(tmp_path / "bad.pth", tmp_path / "b", tmp_path / "a", num_attention_heads=HEADS)
+    assert not (tmp_path / "a").exists()
+
+
+def test_unknown_keys_can_be_ignored(authors_state, tmp_path):
+    sd = dict(authors_state[0])
+    sd["prompt_learner.head.bias"] = torch.zeros(C)
+    save_checkpoint(tmp_path / "extra.pth", sd)
+    with pytest.warns(UserWarning, match="prompt_learner.head.bias"):
+        convert_authors_checkpoint(
+            tmp_path / "extra.pth", tmp_path / "b", tmp_path / "a", num_attention_heads=HEADS, strict=False
+        )
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
+
+
+class Opaque:  # stands for any class a research checkpoint may pickle
+    def __init__(self, value):
+        self.value = value
+
+
+def test_pickle_safety(authors_state, tmp_path):
+    sd = authors_state[0]
+    # argparse options and numpy scalars load with weights_only=True (allow-listed: they run no code).
+    torch.save(
+        {"config": argparse.Namespace(topk=2), "state_dict": sd, "val_acc": np.float64(0.5)}, tmp_path / "ok.pth"
+    )
+    state, config, acc = load_authors_checkpoint(tmp_path / "ok.pth")
+    assert config == {"topk": 2} and float(acc) == 0.5 and set(state) == set(sd)
+    # Any other object needs the explicit opt-in, which warns.
+    torch.save({"config": Opaque(1), "state_dict": sd}, tmp_path / "opaque.pth")
+    with pytest.raises(ValueError, match="trust_pickle=True"):
+        load_authors_checkpoint(tmp_path / "opaque.pth")
+    with pytest.warns(UserWarning, match="executes code"):
+        _, config, _ = load_authors_checkpoint(tmp_path / "opaque.pth", trust_pickle=True)
+    assert isinstance(config, Opaque)
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        load_authors_checkpoint(tmp_path / "missing.pth")
+
+
+def test_labels_file_formats(tmp_path):
+    (tmp_path / "plain.txt").write_text("cat\ndog\n\nbird\n")
+    assert read_labels_file(tmp_path / "plain.txt") == {0: "cat", 1: "dog", 2: "bird"}
+    (tmp_path / "places.txt").write_text("/a/airfield 1\n/a/abbey 0\n")
+    assert read_labels_file(tmp_path / "places.txt") == {0: "/a/abbey", 1: "/a/airfield"}
+    (tmp_path / "split.txt").write_text("train/abbey/1.jpg 0\ntrain/abbey/2.jpg 0\nval/airfield/x.jpg 1\n")
+    assert read_labels_file(tmp_path / "split.txt") == {0: "abbey", 1: "airfield"}
+    (tmp_path / "gap.txt").write_text("a 0\nb 2\n")
+    with pytest.raises(ValueError, match="without gaps"):
+        read_labels_file(tmp_path / "gap.txt")
+
+
+def test_example_script(authors_state, tmp_path, capsys):
+    sd, images = authors_state
+    save_checkpoint(tmp_path / "c.pth", sd, prefix="module.", val_acc=0.25)
+    (tmp_path / "labels.txt").write_text("\n".join(f"class_{i}" for i in range(C)))
+    spec = importlib.util.spec_from_file_location(
+        "convert_example", REPO / "examples" / "convert_authors_checkpoint.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(
+        [
+            "--checkpoint", str(tmp_path / "c.pth"),
+            "--output_dir", str(tmp_path / "out"),
+            "--num_heads", str(HEADS),
+            "--labels", str(tmp_path / "labels.txt"),
+        ]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "val_acc" in printed and "0.25" in printed and "topk" in printed
+    model = PeftModel.from_pretrained(
+        ViTModel.from_pretrained(tmp_path / "out" / "base", add_pooling_layer=False), tmp_path / "out" / "adapter"
+    ).eval()
+    assert model.peft_config["default"].id2label[3] == "class_3"
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(pixel_values=images).logits, authors_phase2_forward(sd, images)[0], atol=1e-5, rtol=0
+        )

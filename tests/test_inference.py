@@ -1,0 +1,302 @@
+"""The inference helper, the predict script and the model card, against references written here."""
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from transformers import AutoImageProcessor, ViTModel
+
+import lpt_peft
+from lpt_peft.inference import LPTImageClassifier, load_classifier, load_preprocessing, save_preprocessing
+
+REPO = Path(__file__).resolve().parents[1]
+LABELS = {0: "apple", 1: "bear", 2: "castle", 3: "dolphin", 4: "elephant"}
+MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.3, 0.4)
+SIZE, RESIZE = 16, 20
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A saved tiny base ViT and phase-2 adapter (weights moved off their init) with non-default preprocessing."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import tiny_vit_config
+
+    path = tmp_path_factory.mktemp("lpt")
+    torch.manual_seed(0)
+    config = tiny_vit_config()
+    config._attn_implementation = "eager"
+    ViTModel(config, add_pooling_layer=False).save_pretrained(path / "base")
+    vit = ViTModel.from_pretrained(path / "base", add_pooling_layer=False, attn_implementation="eager")
+    lpt = lpt_peft.LPTConfig(num_labels=5, shared_layers=2, num_groups=4, prompt_length=3, id2label=LABELS)
+    model = get_peft_model(vit, lpt)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lpt_" in name:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.5)
+    model.base_model.set_phase(2)
+    model.eval().save_pretrained(path / "adapter")
+    save_preprocessing(path / "adapter", image_size=SIZE, resize_size=RESIZE, mean=MEAN, std=STD)
+    return path, model
+
+
+def images(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = PIL.Image.fromarray(rng.integers(0, 256, (30, 45, 3), dtype=np.uint8))
+    gray = PIL.Image.fromarray(rng.integers(0, 256, (25, 25), dtype=np.uint8))
+    array = rng.integers(0, 256, (40, 22, 3), dtype=np.uint8)
+    file = tmp_path / "photo.png"
+    PIL.Image.fromarray(rng.integers(0, 256, (33, 28, 3), dtype=np.uint8)).save(file)
+    return [rgb, gray, array, str(file)]
+
+
+def reference_pixels(image, size=SIZE, resize=RESIZE, mean=MEAN, std=STD):
+    """Resize to a square (bilinear), centre crop, scale, normalise: written out by hand."""
+    if isinstance(image, (str, Path)):
+        image = PIL.Image.open(image)
+    if isinstance(image, np.ndarray):
+        image = PIL.Image.fromarray(image)
+    image = image.convert("RGB").resize((resize, resize), PIL.Image.Resampling.BILINEAR)
+    top = (resize - size) // 2
+    array = np.asarray(image, dtype=np.float32)[top : top + size, top : top + size] / 255.0
+    array = (array - np.array(mean, dtype=np.float32)) / np.array(std, dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def reference_top_k(model, imgs, k, scale=20.0):
+    with torch.no_grad():
+        logits = model(pixel_values=torch.stack([reference_pixels(i) for i in imgs])).logits
+    probs = torch.softmax(scale * logits, dim=-1)
+    out = []
+    for row in probs:
+        order = sorted(range(len(row)), key=lambda c: -row[c].item())[:k]
+        out.append([(LABELS[c], row[c].item()) for c in order])
+    return out, logits
+
+
+def as_pairs(result):
+    return [(d["label"], d["score"]) for d in result]
+
+
+def assert_same(results, expected):
+    assert len(results) == len(expected)
+    for got, want in zip(results, expected):
+        assert [label for label, _ in as_pairs(got)] == [label for label, _ in want]
+        np.testing.assert_allclose([s for _, s in as_pairs(got)], [s for _, s in want], atol=1e-5, rtol=0)
+
+
+def test_classifier_matches_reference(saved, tmp_path):
+    path, model = saved
+    clf = load_classifier(path / "base", path / "adapter", device="cpu", attn_implementation="eager")
+    assert clf.device == torch.device("cpu") and clf.model.peft_config["default"].phase == 2
+    assert (clf.transform.image_size, clf.transform.resize_size, clf.transform.mean) == (SIZE, RESIZE, MEAN)
+    imgs = images(tmp_path)
+    expected, logits = reference_top_k(model, imgs, 3)
+    assert_same(clf(imgs, top_k=3), expected)
+    torch.testing.assert_close(clf.logits(imgs), logits, atol=1e-5, rtol=0)
+    # One image in, one list of dicts out (the pipeline's shape); scores over all classes sum to 1.
+    single = clf(imgs[0], top_k=None)
+    assert isinstance(single, list) and isinstance(single[0], dict) and len(single) == 5
+    assert sum(d["score"] for d in single) == pytest.approx(1.0, abs=1e-5)
+    assert len(clf(imgs[0], top_k=50)) == 5
+    # Batching does not change anything.
+    for batch_size in (1, 3):
+        assert_same(clf(imgs, top_k=3, batch_size=batch_size), expected)
+
+
+def test_base_defaults_to_adapter_record_and_preprocessing_defaults(saved, tmp_path):
+    path, model = saved
+    clf = load_classifier(None, path / "adapter", attn_implementation="eager")  # base recorded in the adapter
+    assert clf.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert clf.transform.image_size == SIZE
+    # Explicit settings win field by field.
+    clf = load_classifier(path / "base", path / "adapter", device="cpu", mean=(0.5, 0.5, 0.5))
+    assert clf.transform.mean == (0.5, 0.5, 0.5) and clf.transform.std == STD
+    # Without a preprocessor file: LPT's defaults at the base's size (resize 16 * 256 / 224 -> 18, 0.5 / 0.5).
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(path / "adapter", bare)
+    (bare / "preprocessor_config.json").unlink()
+    clf = load_classifier(path / "base", bare, device="cpu")
+    assert (clf.transform.image_size, clf.transform.resize_size, clf.transform.mean) == (16, 18, (0.5,) * 3)
+    with pytest.raises(ValueError, match="base model expects 16 px"):
+        load_classifier(path / "base", bare, image_size=24)
+
+
+def test_bad_inputs(saved, tmp_path):
+    path, model = saved
+    clf = LPTImageClassifier(model, transform=load_preprocessing(path / "adapter"), device="cpu", batch_size=2)
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image at all")
+    good = images(tmp_path)[:2]
+    with pytest.raises(ValueError, match="broken.jpg"):
+        clf([good[0], str(bad)])
+    with pytest.raises(FileNotFoundError, match="nowhere.png"):
+        clf(str(tmp_path / "nowhere.png"))
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        results = clf([good[0], str(bad), good[1]], top_k=2, on_error="skip")
+    assert results[1] is None and "broken.jpg" in clf.last_errors[1]
+    expected, _ = reference_top_k(model, good, 2)
+    assert_same([results[0], results[2]], expected)
+    with pytest.raises(ValueError, match="top_k"):
+        clf(good, top_k=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        clf(good, batch_size=0)
+    with pytest.raises(TypeError, match="pixel_values"):
+        clf(torch.zeros(3, 16, 16))
+    with pytest.raises(ValueError, match="on_error"):
+        clf(good, on_error="ignore")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            LPTImageClassifier(model, device="cuda")
+    with pytest.raises(TypeError, match="LPT adapter"):
+        LPTImageClassifier(torch.nn.Linear(2, 2))
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_classifier(path / "base", path / "base")
+
+
+def test_preprocessor_file_is_an_hf_image_processor(saved, tmp_path):
+    """The saved preprocessing loads with AutoImageProcessor and gives the same pixels as the reference."""
+    path, _ = saved
+    processor = AutoImageProcessor.from_pretrained(path / "adapter")
+    for image in images(tmp_path):
+        pil = PIL.Image.open(image) if isinstance(image, str) else image
+        pil = PIL.Image.fromarray(pil) if isinstance(pil, np.ndarray) else pil
+        hf = processor(pil.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+        torch.testing.assert_close(hf, reference_pixels(image), atol=1e-6, rtol=0)
+
+
+def test_transformers_pipeline_needs_the_workaround(saved, tmp_path):
+    """Why the helper exists: the pipeline reads labels from the base config and softmaxes unscaled cosines."""
+    from transformers import pipeline
+
+    path, _ = saved
+    base = ViTModel.from_pretrained(path / "base", add_pooling_layer=False, attn_implementation="eager")
+    model = PeftModel.from_pretrained(base, path / "adapter").eval()
+    processor = AutoImageProcessor.from_pretrained(path / "adapter")
+    image = images(tmp_path)[0]
+    classify = pipeline("image-classification", model=model, image_processor=processor, device="cpu")
+    with pytest.raises(KeyError):
+        classify(image, top_k=5)  # a ViTModel config knows 2 labels, LPT has 5
+    # The documented workaround: give the base config the adapter's labels and ask for the raw cosines.
+    model.config.id2label = dict(LABELS)
+    model.config.label2id = {v: k for k, v in LABELS.items()}
+    raw = classify(image, top_k=5, function_to_apply="none")
+    clf = LPTImageClassifier(model, transform=load_preprocessing(path / "adapter"), device="cpu")
+    cosines = clf.logits([image])[0]
+    expected = sorted(((LABELS[c], cosines[c].item()) for c in range(5)), key=lambda p: -p[1])
+    assert [d["label"] for d in raw] == [label for label, _ in expected]
+    np.testing.assert_allclose([d["score"] for d in raw], [s for _, s in expected], atol=1e-5)
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_predict_script(saved, tmp_path, capsys):
+    path, model = saved
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for name in ("b.png", "a.jpg"):
+        PIL.Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(folder / name)
+    (folder / "notes.txt").write_text("not an image")  # not an image suffix: ignored
+    (folder / "c.png").write_bytes(b"corrupt")
+    predict = load_script("predict")
+    common = ["--adapter", str(path / "adapter"), "--base", str(path / "base"), "--device", "cpu", "--top_k", "2"]
+    with pytest.raises(SystemExit, match="c.png"):
+        predict.main([str(folder), *common])
+    with pytest.warns(UserWarning, match="c.png"):
+        records = predict.main(
+            [str(folder), *common, "--skip_bad", "--batch_size", "1",
+             "--json_out", str(tmp_path / "p.json"), "--csv_out", str(tmp_path / "p.csv")]
+        )  # fmt: skip
+    printed = capsys.readouterr().out
+    files = [str(folder / n) for n in ("a.jpg", "b.png", "c.png")]
+    assert [r["image"] for r in records] == files
+    expected, _ = reference_top_k(model, files[:2], 2)
+    assert_same([r["predictions"] for r in records[:2]], expected)
+    assert "c.png: skipped" in printed and expected[0][0][0] in printed
+    assert json.loads((tmp_path / "p.json").read_text()) == records
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert len(rows) == 5 and rows[0]["image"] == files[0] and rows[0]["rank"] == "1"
+    assert rows[-1]["image"] == files[2] and rows[-1]["error"]
+    with pytest.raises(SystemExit, match="neither an image file nor a folder"):
+        predict.main([str(tmp_path / "missing"), *common])
+
+
+# ---------------------------------------------------------------------------------------------- the model card
+TABLE = "\n".join(
+    [
+        "| Method | Overall | Many | Medium | Few |",
+        "|---|---:|---:|---:|---:|",
+        "| LPT | 50.07 | 49.27 | 52.31 | 46.88 |",
+    ]
+)
+
+
+def test_model_card_holds_card_info(saved, tmp_path):
+    _, model = saved
+    model.base_model.card_info = {
+        "dataset": "places_lt",
+        "results_markdown": TABLE,
+        "grouping": "standard",
+        "base_model": "google/vit-base-patch16-224-in21k",
+        "repo_id": "someone/lpt-places-lt",
+        "notes": ["Trained for 90 epochs."],
+    }
+    try:
+        model.save_pretrained(tmp_path / "a")
+        card = (tmp_path / "a" / "README.md").read_text()
+        assert TABLE in card and "places_lt" in card and "Trained for 90 epochs." in card
+        assert "many-shot > 100" in card and "[More Information Needed]" not in card
+        assert "base_model: google/vit-base-patch16-224-in21k" in card and "library_name: peft" in card
+        load_line = 'load_classifier("google/vit-base-patch16-224-in21k", "someone/lpt-places-lt")'
+        assert load_line in card
+        assert 'PeftModel.from_pretrained(base, "someone/lpt-places-lt")' in card
+        assert card.index("import lpt_peft") < card.index("load_classifier(") < card.index("PeftModel.from_pretrained")
+        # 4 layers x 3 x 32 + 2 layers x 4 groups x 10 x 32 + 4 x 32 + 32 x 5 shared / group / keys / head
+        assert f"{4 * 3 * 32 + 2 * 4 * 10 * 32 + 4 * 32 + 32 * 5:,}" in card
+        assert "resize to 20x20, centre crop 16" not in card  # not given in card_info: the defaults are described
+
+        # A user's own text survives; the LPT section is refreshed in place, never duplicated.
+        readme = tmp_path / "a" / "README.md"
+        readme.write_text(readme.read_text() + "\n## My notes\n\nKeep me.\n")
+        model.base_model.card_info = {
+            "dataset": "places_lt",
+            "results": {"overall": 1.5, "many": 2.5, "medium": 3.5, "few": 4.5},
+        }
+        model.save_pretrained(tmp_path / "a")
+        card = readme.read_text()
+        assert card.count("<!-- lpt-peft section -->") == 1 and "Keep me." in card
+        assert TABLE not in card and "| LPT (phase 2) | 1.50 | 2.50 | 3.50 | 4.50 |" in card
+        assert "- PEFT" in card and card.count("### Framework versions") == 1
+        # A local base path is not written as Hub metadata (the Hub rejects it).
+        assert "\nbase_model:" not in card.split("---")[1]
+    finally:
+        model.base_model.card_info = None
+
+
+def test_model_card_rejects_bad_card_info(saved, tmp_path):
+    _, model = saved
+    model.base_model.card_info = ["places_lt"]
+    try:
+        with pytest.raises(TypeError, match="card_info must be a dict"):
+            model.save_pretrained(tmp_path / "a")
+        model.base_model.card_info = {"datset": "typo"}
+        with pytest.warns(UserWarning, match="datset"):
+            model.save_pretrained(tmp_path / "b")
+    finally:
+        model.base_model.card_info = None
