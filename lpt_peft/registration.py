@@ -45,6 +45,13 @@ def _install_model_card_section() -> None:
             from .model_card import add_lpt_section
 
             add_lpt_section(self, os.path.join(output_dir, "README.md"))
+            # The evaluation preprocessing travels with the adapter (save_pretrained and push_to_hub both pass here),
+            # so `lpt_peft.inference.load_classifier` feeds images the way the adapter was trained.
+            preprocessing = (getattr(self.base_model, "card_info", None) or {}).get("preprocessing")
+            if preprocessing:
+                from .inference import save_preprocessing
+
+                save_preprocessing(output_dir, **preprocessing)
 
     create_or_update_model_card._lpt_wrapped = True
     create_or_update_model_card.__doc__ = original.__doc__

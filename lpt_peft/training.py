@@ -556,9 +556,10 @@ def train_phase(
     return {"best_epoch": state.best_epoch, "best_val_overall": state.best_metric}
 
 
-def save_adapter(model: PeftModel, directory: Path, accelerator: Accelerator) -> None:
+def save_adapter(model: PeftModel, directory: Path, accelerator: Accelerator, barrier: bool = True) -> None:
     """`save_pretrained` into a temporary folder, then swap it in, so a crash never leaves half an adapter."""
-    accelerator.wait_for_everyone()
+    if barrier:
+        accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         directory = Path(directory)
         tmp = directory.with_name(directory.name + ".partial")
@@ -570,7 +571,8 @@ def save_adapter(model: PeftModel, directory: Path, accelerator: Accelerator) ->
             os.replace(directory, old)
         os.replace(tmp, directory)
         shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    if barrier:
+        accelerator.wait_for_everyone()
 
 
 def load_adapter_weights(model: PeftModel, directory: Path) -> None:
@@ -710,6 +712,17 @@ def run_training(args: LPTTrainingArguments, data: LongTailDataset | None = None
             )
     model = build_peft_model(backbone, args, data.num_classes, id2label, init_from=init_from)
     check_dataset(data, model.peft_config[model.active_adapter].num_labels)
+    model.base_model.card_info = {
+        "dataset": args.dataset,
+        "grouping": "author" if args.author_grouping else "standard",
+        "preprocessing": {
+            "image_size": args.image_size,
+            "resize_size": args.resize_size,
+            "mean": list(args.mean),
+            "std": list(args.std),
+        },
+        **({"repo_id": args.hub_model_id} if args.hub_model_id else {}),
+    }
     install_adapter_only_checkpointing(accelerator)
     if accelerator.is_main_process:
         data.save_class_info(output_dir / "class_info.json")
@@ -741,6 +754,11 @@ def run_training(args: LPTTrainingArguments, data: LongTailDataset | None = None
         name = f"LPT phase {phase}"
         if accelerator.is_main_process:
             rows = _merge_json(output_dir / "results.json", {name: {**_summary(result), **best}})
+            from .metrics import format_results_table
+
+            # The card of the pushed/saved adapter shows the test table of this run.
+            model.base_model.card_info["results_markdown"] = format_results_table(rows)
+            save_adapter(model, output_dir / f"phase{phase}", accelerator, barrier=False)
             per_class = _merge_json(output_dir / "per_class_accuracy.json", {name: result["per_class"]})
             save_results(rows, output_dir)
             if "group_usage" in result:

@@ -69,6 +69,11 @@ def test_both_phases_end_to_end_and_reload_reproduces_accuracy(tmp_path):
         assert result["few"] == pytest.approx(rows[f"LPT phase {phase}"]["few"], abs=1e-9)
     model = PeftModel.from_pretrained(tiny_random_vit(32), out / "phase2").eval()
     assert model.peft_config["default"].phase == 2
+    # The adapter carries its preprocessing and a card with this run's test table.
+    preprocessing = json.loads((out / "phase2" / "preprocessor_config.json").read_text())
+    assert preprocessing["crop_size"]["height"] == 32 and preprocessing["image_mean"] == [0.5, 0.5, 0.5]
+    card = (out / "phase2" / "README.md").read_text()
+    assert "| LPT phase 2 |" in card and "synthetic" in card
 
 
 def test_two_processes_train_both_phases(tmp_path):
