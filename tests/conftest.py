@@ -47,3 +47,18 @@ def make_vit():
         return model.eval()
 
     return factory
+
+
+def places_lt_split_dir():
+    """The standard Places-LT split files: $LPT_PLACES_LT_SPLITS, or shared/ beside the repository (as in CI)."""
+    from pathlib import Path
+
+    candidates = [os.environ.get("LPT_PLACES_LT_SPLITS")]
+    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data" / "places_lt")
+    candidates.append("/work/shared/data/places_lt")
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "Places_LT_train.txt").is_file():
+            return Path(candidate)
+    if os.environ.get("CI"):
+        pytest.fail("CI must find the Places-LT split files in shared/data/places_lt beside the repository")
+    pytest.skip("Places-LT split files not found; set LPT_PLACES_LT_SPLITS")

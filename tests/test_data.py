@@ -3,7 +3,6 @@
 import gzip
 import json
 import logging
-import os
 import pickle
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from conftest import places_lt_split_dir
 
 from lpt_peft.data import (
     LongTailDataset,
@@ -35,7 +35,6 @@ from lpt_peft.data import (
     to_rgb,
 )
 
-PLACES_LT_DIR = Path(os.environ.get("LPT_PLACES_LT_SPLITS", "/work/shared/data/places_lt"))
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 # Colour of the synthetic images of class `c`, so that a decoded image reveals its label.
@@ -145,8 +144,8 @@ def test_save_class_info(tmp_path):
 # ----------------------------------------------------------------------------------------------- Places-LT splits
 
 
-@pytest.mark.skipif(not (PLACES_LT_DIR / "Places_LT_train.txt").is_file(), reason="Places-LT split files absent")
 def test_places_lt_shot_groups_from_split_files():
+    PLACES_LT_DIR = places_lt_split_dir()
     paths, labels = read_split_file(PLACES_LT_DIR / "Places_LT_train.txt")
     assert len(paths) == 62_500 and paths[0] == "train/airfield/00004851.jpg" and labels[0] == 0
     counts = np.bincount(labels)
@@ -162,8 +161,8 @@ def test_places_lt_shot_groups_from_split_files():
     assert names[0] == "airfield" and names[3] == "alcove" and len(set(names)) == 365
 
 
-@pytest.mark.skipif(not (PLACES_LT_DIR / "Places_LT_train.txt").is_file(), reason="Places-LT split files absent")
 def test_load_places_lt_reports_missing_images(tmp_path):
+    PLACES_LT_DIR = places_lt_split_dir()
     with pytest.raises(FileNotFoundError, match=r"62500 of 62500 images .*Places_LT_train.txt.*places365standard"):
         load_places_lt(tmp_path, PLACES_LT_DIR)
     with pytest.raises(FileNotFoundError, match=r"Image root .* does not exist.*train/airfield/00004851.jpg"):

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import places_lt_split_dir
 
 from lpt_peft.metrics import (
     METRIC_SCRIPT_DIR,
@@ -20,7 +21,6 @@ from lpt_peft.metrics import (
 )
 from lpt_peft.plots import plot_group_usage, plot_per_class_accuracy
 
-PLACES_LT_TRAIN = Path("/work/shared/data/places_lt/Places_LT_train.txt")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -88,8 +88,7 @@ def test_shot_groups_hand_counted():
 
 
 def test_shot_groups_places_lt_split():
-    if not PLACES_LT_TRAIN.is_file():
-        pytest.skip(f"{PLACES_LT_TRAIN} not available")
+    PLACES_LT_TRAIN = places_lt_split_dir() / "Places_LT_train.txt"
     counts_by_label = {}
     with open(PLACES_LT_TRAIN) as f:
         for line in f:
