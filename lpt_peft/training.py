@@ -795,7 +795,7 @@ def run_training(args: LPTTrainingArguments, data: LongTailDataset | None = None
     return {"rows": rows, "output_dir": str(output_dir)}
 
 
-PROBE_LEARNING_RATES = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # at lr_reference_batch, scaled like LPT's
+PROBE_LEARNING_RATES = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # at lr_reference_batch, scaled like LPT's
 PROBE_NAMES = {
     "linear_probe_ce": "Linear probe (CE)",
     "linear_probe_agcl": "Linear probe (A-GCL, dual sampling)",
