@@ -46,8 +46,9 @@ def adapter_weights(path):
 
 def test_both_phases_end_to_end_and_reload_reproduces_accuracy(tmp_path):
     out = tmp_path / "run"
-    launch(["--output_dir", str(out), "--epochs_phase1", "3", "--epochs_phase2", "2"])
+    launch(["--output_dir", str(out), "--epochs_phase1", "3", "--epochs_phase2", "2", "--report_to", "tensorboard"])
     rows = json.loads((out / "results.json").read_text())
+    assert list(out.rglob("events.out.tfevents*")), "no TensorBoard log written"
     assert set(rows) == {"LPT phase 1", "LPT phase 2"}
     state = json.loads(
         (out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip() / "trainer_state.json").read_text()
