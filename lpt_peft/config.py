@@ -105,7 +105,7 @@ class LPTConfig(PeftConfig):
         default=None,
         metadata={"help": "Depth of the backbone the adapter was built for. Filled in at injection; checked on load."},
     )
-    target_modules: str | list[str] | None = field(
+    target_modules: str | None = field(
         default=None,
         metadata={
             "help": "Attention modules that receive prompts. Filled in from the backbone's architecture; leave None."
@@ -130,6 +130,11 @@ class LPTConfig(PeftConfig):
             raise ValueError(
                 f"LPTConfig.top_k={self.top_k} must be <= num_groups={self.num_groups}: an image cannot select more "
                 "groups than the pool holds. Lower top_k or raise num_groups."
+            )
+        if self.target_modules is not None and not isinstance(self.target_modules, str):
+            raise ValueError(
+                "LPTConfig.target_modules is a regular expression string that LPT fills in from the backbone's "
+                f"architecture; leave it None. Got {self.target_modules!r}."
             )
         if self.phase not in (1, 2):
             raise ValueError(f"LPTConfig.phase must be 1 or 2, got {self.phase!r}.")

@@ -477,6 +477,8 @@ class LPTObjective(nn.Module):
         loss_name (`str`, defaults to `"agcl"`): Loss of both branches, see :func:`build_loss`.
         matching_weight (`float`, defaults to 0.5): Weight of the key matching score.
         eta (`float`, defaults to 0.5): Initial weight of the instance-balanced branch.
+        instance_balanced_branch (`str`, defaults to `"instance_balanced"`): Preset of the instance-balanced loss:
+            `"instance_balanced"` (A-GCL gammas 0.5 / 8, the authors' code) or `"class_balanced"` (0 / 4, the paper).
         loss_kwargs: Extra arguments for :func:`build_loss`, given to both branch losses. The branch presets pick
             A-GCL's `gamma_pos`/`gamma_neg` per branch.
 
@@ -500,6 +502,7 @@ class LPTObjective(nn.Module):
         loss_name: str = "agcl",
         matching_weight: float = 0.5,
         eta: float = 0.5,
+        instance_balanced_branch: str = "instance_balanced",
         **loss_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -508,7 +511,8 @@ class LPTObjective(nn.Module):
             raise ValueError(f"matching_weight must be finite, got {matching_weight}.")
         self.loss_name = _normalize_choice(loss_name, "loss name", LOSS_NAMES)
         self.cb_loss = build_loss(self.loss_name, class_counts, branch="class_balanced", **loss_kwargs)
-        self.ib_loss = build_loss(self.loss_name, class_counts, branch="instance_balanced", **loss_kwargs)
+        # "instance_balanced" uses the authors' code's A-GCL exponents there; "class_balanced" the paper's (0, 4).
+        self.ib_loss = build_loss(self.loss_name, class_counts, branch=instance_balanced_branch, **loss_kwargs)
         self.num_epochs = num_epochs
         self.matching_weight = float(matching_weight)
         self.eta = float(eta)

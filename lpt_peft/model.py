@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -46,8 +45,12 @@ class LPTOutput(ModelOutput):
 
 
 def cosine_logits(features: torch.Tensor, class_weight: torch.Tensor) -> torch.Tensor:
-    """Cosine classifier: `normalize(features) @ normalize(class_weight, dim=0)`, class weight `(hidden, classes)`."""
-    return F.normalize(features.float(), dim=-1) @ F.normalize(class_weight.float(), dim=0)
+    """Cosine classifier: `normalize(features) @ normalize(class_weight, dim=0)`, class weight `(hidden, classes)`.
+
+    Always float32, also under autocast: the loss scales these cosines by 20, and top-k/argmax see near ties.
+    """
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        return F.normalize(features.float(), dim=-1) @ F.normalize(class_weight.float(), dim=0)
 
 
 class LPTModel(BaseTuner):
@@ -86,6 +89,7 @@ class LPTModel(BaseTuner):
     target_module_mapping: dict[str, list[str]] = {}
     uses_shared_state: bool = True
     _lpt_enabled: bool = True
+    _lpt_inference_mode: bool = False
 
     # ------------------------------------------------------------------ injection
     def inject_adapter(
@@ -116,8 +120,7 @@ class LPTModel(BaseTuner):
         self._install_forward(model)
         self._update_requires_grad()
 
-    @staticmethod
-    def _check_and_complete_config(config: LPTConfig, model: nn.Module, architecture: LPTArchitecture) -> None:
+    def _check_and_complete_config(self, config: LPTConfig, model: nn.Module, architecture: LPTArchitecture) -> None:
         encoder = architecture.encoder(model)
         num_layers = len(architecture.layers(model))
         hidden_size = int(encoder.config.hidden_size)
@@ -143,6 +146,20 @@ class LPTModel(BaseTuner):
         config.hidden_size = hidden_size
         config.num_hidden_layers = num_layers
         if config.layer_norm_eps is not None:
+            # The backbone is shared by all adapters, so its eps is one value for all of them.
+            others = {
+                c.layer_norm_eps for c in self.peft_config.values() if c is not config and c.layer_norm_eps is not None
+            }
+            if others and others != {config.layer_norm_eps}:
+                raise ValueError(
+                    f"LPTConfig.layer_norm_eps={config.layer_norm_eps} conflicts with {sorted(others)} of another "
+                    "adapter on this backbone: all adapters share the backbone's LayerNorms. Use the same value."
+                )
+            if not hasattr(self, "_original_layer_norm_eps"):
+                self._original_layer_norm_eps = (
+                    [(m, m.eps) for m in encoder.modules() if isinstance(m, nn.LayerNorm)],
+                    getattr(encoder.config, "layer_norm_eps", None),
+                )
             for module in encoder.modules():
                 if isinstance(module, nn.LayerNorm):
                     module.eps = float(config.layer_norm_eps)
@@ -205,16 +222,18 @@ class LPTModel(BaseTuner):
         setattr(parent, child_name, new_module)
 
     def _install_forward(self, model: nn.Module) -> None:
-        if "forward" in model.__dict__:
-            return
-        original = type(model).forward
+        """PeftModel calls the base model directly, so LPT's two-pass forward must live on the base model itself.
 
-        # PeftModel calls the base model directly, so LPT's two-pass forward must live on the base model itself.
-        @functools.wraps(original)
-        def forward(*args: Any, **kwargs: Any):
-            return self._forward(*args, **kwargs)
-
-        model.forward = forward
+        A bound method (not a closure) so that `copy.deepcopy` and pickling rebind it to the copied tuner.
+        """
+        current = model.__dict__.get("forward")
+        if current is not None and current != self._forward:
+            raise ValueError(
+                f"The {type(model).__name__} given to LPT already has its forward replaced on the instance (e.g. by "
+                "accelerate hooks from `device_map` across several devices). LPT needs to run its own forward: load "
+                "the backbone on one device (no `device_map` sharding) and attach LPT before any other wrapper."
+            )
+        model.forward = self._forward
 
     @staticmethod
     def _restore_forward(model: nn.Module) -> None:
@@ -252,8 +271,11 @@ class LPTModel(BaseTuner):
             layer.set_phase(adapter_name, phase)
         self._update_requires_grad()
 
-    def _update_requires_grad(self, inference_mode: bool = False) -> None:
+    def _update_requires_grad(self, inference_mode: bool | None = None) -> None:
         """Apply the phase rules: only what the phase trains requires grad, and nothing of inactive adapters."""
+        if inference_mode is not None:  # remembered, so a later set_phase or disable/enable keeps it
+            self._lpt_inference_mode = inference_mode
+        inference_mode = self._lpt_inference_mode
         layers = self._lpt_layers()
         for name, config in self.peft_config.items():
             trainable = (
@@ -305,6 +327,13 @@ class LPTModel(BaseTuner):
                 parent_name, _, child_name = name.rpartition(".")
                 setattr(self.model.get_submodule(parent_name), child_name, module.base_layer)
         self._restore_forward(self.model)
+        if hasattr(self, "_original_layer_norm_eps"):
+            norms, config_eps = self._original_layer_norm_eps
+            for module, eps in norms:
+                module.eps = eps
+            if config_eps is not None:
+                get_architecture(self.model).encoder(self.model).config.layer_norm_eps = config_eps
+            del self._original_layer_norm_eps
         if hasattr(self.model, "peft_config"):
             del self.model.peft_config
         return self.model
@@ -361,7 +390,7 @@ class LPTModel(BaseTuner):
                     query_hidden = layer(query_hidden, mask, **kwargs)
                 query = final_norm(query_hidden)[:, architecture.cls_index]
             keys = self.lpt_keys[adapter]
-            similarity = F.normalize(query.float(), dim=-1) @ F.normalize(keys.float(), dim=-1).T
+            similarity = cosine_logits(query, keys.T)
             group_indices = similarity.detach().topk(config.top_k, dim=-1).indices
             match_score = similarity.gather(1, group_indices).sum(dim=1).mean()
             for layer in layers[num_first:]:

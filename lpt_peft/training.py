@@ -6,6 +6,7 @@ The pieces are usable on their own ([`build_peft_model`], [`make_train_loader`],
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -22,7 +23,6 @@ from accelerate import Accelerator
 from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import set_seed
 from peft import PeftModel, get_peft_model
-from safetensors import safe_open
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -272,25 +272,35 @@ def _adapter_keys(model: nn.Module) -> set[str]:
 
 
 def install_adapter_only_checkpointing(accelerator: Accelerator) -> None:
-    """Make `accelerator.save_state` store only adapter weights (the backbone is frozen and can be 100s of MB)."""
+    """Make `accelerator.save_state` store only adapter weights (the backbone is frozen and can be 100s of MB).
+
+    Keys are stored without DDP's `module.` prefix and loaded by this hook, so a state saved with N processes resumes
+    with any other number (the batches then shard differently, so the continuation is no longer bit-identical).
+    """
 
     def save_hook(models, weights, output_dir):
         for i, model in enumerate(models):
-            keys = {k.removeprefix("module.") for k in _adapter_keys(accelerator.unwrap_model(model))}
-            weights[i] = {k: v for k, v in weights[i].items() if k.removeprefix("module.") in keys}
+            keys = _adapter_keys(accelerator.unwrap_model(model))
+            weights[i] = {
+                k.removeprefix("module."): v for k, v in weights[i].items() if k.removeprefix("module.") in keys
+            }
 
     def load_hook(models, input_dir):
+        from safetensors.torch import load_file
+
         for i, model in enumerate(models):
             file = Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
-            with safe_open(file, framework="pt") as handle:
-                saved = {k.removeprefix("module.") for k in handle.keys()}  # noqa: SIM118
-            expected = {k.removeprefix("module.") for k in _adapter_keys(accelerator.unwrap_model(model))}
-            if saved != expected:
+            saved = {k.removeprefix("module."): v for k, v in load_file(file).items()}
+            unwrapped = accelerator.unwrap_model(model)
+            expected = _adapter_keys(unwrapped)
+            if set(saved) != expected:
                 raise ValueError(
-                    f"Checkpoint {input_dir} does not match this model: {len(expected - saved)} adapter weights "
-                    f"missing, {len(saved - expected)} unexpected (e.g. {sorted(expected ^ saved)[:3]}). Resume with "
-                    "the same adapter options as the interrupted run."
+                    f"Checkpoint {input_dir} does not match this model: {len(expected - set(saved))} adapter weights "
+                    f"missing, {len(set(saved) - expected)} unexpected (e.g. {sorted(expected ^ set(saved))[:3]}). "
+                    "Resume with the same adapter options as the interrupted run."
                 )
+            unwrapped.load_state_dict(saved, strict=False)
+        models.clear()  # loaded above; accelerate would otherwise load them again, strictly
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -403,7 +413,7 @@ def train_phase(
     resume_dir: Path | None = None,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Train one phase; validate each epoch; keep the best adapter (on val) in `<output_dir>/phase{phase}/best`.
+    """Train one phase; validate each epoch; keep the best adapter (on val) in `<output_dir>/best/phase{phase}`.
 
     Returns the best validation metrics. The model holds the best adapter weights when this returns.
     """
@@ -445,12 +455,15 @@ def train_phase(
         loss_name=args.loss,
         matching_weight=args.matching_weight,
         eta=args.eta,
+        instance_balanced_branch="instance_balanced"
+        if args.instance_balanced_gammas == "authors"
+        else "class_balanced",
     ).to(accelerator.device)
     # Created before load_state so that accelerate sees the same prepared objects as when the state was saved.
     val_loader = make_eval_loader(data.val, args, accelerator) if data.val is not None else None
 
     if resume_dir is not None:
-        accelerator.load_state(str(resume_dir), strict=False)
+        accelerator.load_state(str(resume_dir))
         for _ in range(state.global_step):  # the schedule is a pure function of the update count
             scheduler.step()
         logger.info("Resumed phase %d from %s (epoch %d, step %d)", phase, resume_dir, state.epoch, state.global_step)
@@ -458,7 +471,8 @@ def train_phase(
         state.phase, state.epoch, state.step_in_epoch, state.global_step = phase, 0, 0, 0
         state.best_metric, state.best_epoch = None, None
 
-    best_dir = output_dir / f"phase{phase}" / "best"
+    # Outside <output_dir>/phase{phase}, which is replaced when the phase's final adapter is saved.
+    best_dir = output_dir / "best" / f"phase{phase}"
     split = args.batch_size
     grouping = "author" if args.author_grouping else "standard"
     progress = tqdm(
@@ -481,7 +495,10 @@ def train_phase(
                 break
             pixel_values = batch["pixel_values"].to(accelerator.device, non_blocking=True)
             targets = batch["labels"].to(accelerator.device, non_blocking=True)
-            with accelerator.accumulate(prepared_model):
+            # Accumulation by hand: an update at every `gradient_accumulation_steps` micro-batches and at the end of
+            # the epoch, so gradients never carry over into validation, a checkpoint, or the next epoch.
+            sync = (batch_index + 1) % args.gradient_accumulation_steps == 0 or batch_index + 1 == steps_per_epoch
+            with contextlib.nullcontext() if sync else accelerator.no_sync(prepared_model):
                 with accelerator.autocast():
                     output = prepared_model(pixel_values=pixel_values)
                 match_cb, match_ib = branch_match_scores(output, split)
@@ -495,13 +512,13 @@ def train_phase(
                     cb_match_score=match_cb,
                     ib_match_score=match_ib if dual else None,
                 )
-                accelerator.backward(losses["loss"])
-                if accelerator.sync_gradients and args.max_grad_norm:
+                accelerator.backward(losses["loss"])  # divided by gradient_accumulation_steps
+            running.append(losses["loss"].detach())
+            if sync:
+                if args.max_grad_norm:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            running.append(losses["loss"].detach())
-            if accelerator.sync_gradients:
                 scheduler.step()
                 state.global_step += 1
                 state.step_in_epoch = batch_index + 1
@@ -712,6 +729,13 @@ def run_training(args: LPTTrainingArguments, data: LongTailDataset | None = None
             )
     model = build_peft_model(backbone, args, data.num_classes, id2label, init_from=init_from)
     check_dataset(data, model.peft_config[model.active_adapter].num_labels)
+    model.to(accelerator.device)  # the baselines run before accelerate.prepare
+    if resume_dir is not None and state.phase not in args.phases and state.phase <= max(args.phases):
+        raise ValueError(
+            f"{resume_dir} is a phase-{state.phase} checkpoint but this run trains phase(s) {list(args.phases)}. "
+            "Resume with the --phase of the interrupted run, or start phase 2 from its adapter with --init_from "
+            "(and a new --output_dir)."
+        )
     model.base_model.card_info = {
         "dataset": args.dataset,
         "grouping": "author" if args.author_grouping else "standard",

@@ -111,6 +111,13 @@ class LPTTrainingArguments:
     eta: float = field(default=0.5, metadata={"help": "Initial weight of the instance-balanced branch."})
     loss: str = field(default="agcl", metadata={"help": "'agcl' (LPT), 'ce' or 'logit_adjusted' (baselines)."})
     matching_weight: float = field(default=0.5, metadata={"help": "Weight of the phase-2 key matching score."})
+    instance_balanced_gammas: str = field(
+        default="authors",
+        metadata={
+            "help": "A-GCL exponents of the instance-balanced branch: 'authors' (gamma_pos 0.5, gamma_neg 8, the "
+            "authors' code) or 'paper' (0 and 4, as on the class-balanced branch)."
+        },
+    )
     learning_rate: float = field(default=0.02, metadata={"help": "Learning rate at the reference batch size."})
     lr_reference_batch: int = field(
         default=256, metadata={"help": "The learning rate is scaled by global batch / this (linear scaling rule)."}
@@ -162,6 +169,8 @@ class LPTTrainingArguments:
             raise ValueError(f"--phase must be 'both', '1' or '2', got {self.phase!r}.")
         if self.phase == "2" and not (self.init_from or self.resume_from_checkpoint):
             raise ValueError("--phase 2 needs --init_from <phase-1 adapter folder> (or --resume_from_checkpoint).")
+        if self.samples_per_class < 1:
+            raise ValueError(f"--samples_per_class must be >= 1, got {self.samples_per_class}.")
         if self.batch_size % self.samples_per_class:
             raise ValueError(
                 f"--batch_size {self.batch_size} must be a multiple of --samples_per_class {self.samples_per_class}: "
@@ -181,7 +190,14 @@ class LPTTrainingArguments:
             raise ValueError(f"--baselines {unknown} not known; choose from {', '.join(PROBES)}.")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id <user/repo>.")
-        for name in ("epochs_phase1", "epochs_phase2", "batch_size", "eval_batch_size", "gradient_accumulation_steps"):
+        if self.instance_balanced_gammas not in ("authors", "paper"):
+            raise ValueError(
+                f"--instance_balanced_gammas must be 'authors' or 'paper', got {self.instance_balanced_gammas!r}."
+            )
+        for name in (
+            "epochs_phase1", "epochs_phase2", "batch_size", "eval_batch_size", "gradient_accumulation_steps",
+            "eval_every_epochs", "probe_epochs", "checkpoints_total_limit", "image_size",
+        ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
 

@@ -313,3 +313,43 @@ def test_load_onto_wrong_backbone_fails_clearly(make_vit, tmp_path):
         PeftModel.from_pretrained(make_vit(hidden_size=48), tmp_path / "adapter")
     with pytest.raises(ValueError, match="hidden_size=32 and 4 layers.*hidden_size=32 and 6 layers"):
         PeftModel.from_pretrained(make_vit(num_hidden_layers=6), tmp_path / "adapter")
+
+
+def test_deepcopy_runs_the_copy(make_vit):
+    model = get_peft_model(make_vit(), LPTConfig(num_labels=3, shared_layers=K, num_groups=4)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    before = model(pixel_values=x).logits
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        clone.base_model.lpt_head["default"].mul_(-1)
+    assert torch.allclose(clone(pixel_values=x).logits, -before, atol=1e-6)
+    assert torch.equal(model(pixel_values=x).logits, before)
+
+
+def test_layer_norm_eps_shared_by_adapters_and_restored_on_unload(make_vit):
+    model = get_peft_model(make_vit(), LPTConfig(num_labels=3, shared_layers=K, layer_norm_eps=1e-3))
+    with pytest.raises(ValueError, match=r"layer_norm_eps=0.01 conflicts with \[0.001\]"):
+        model.add_adapter("b", LPTConfig(num_labels=3, shared_layers=K, layer_norm_eps=1e-2))
+    plain = model.unload()
+    assert all(m.eps == 1e-5 for m in plain.modules() if isinstance(m, torch.nn.LayerNorm))
+
+
+def test_inference_mode_survives_phase_switch_and_disable(make_vit):
+    model = get_peft_model(make_vit(), LPTConfig(num_labels=3, shared_layers=K, num_groups=4))
+    model.base_model.set_adapter("default", inference_mode=True)
+    model.base_model.set_phase(2)
+    with model.disable_adapter():
+        pass
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_cosines_stay_float32_under_autocast(make_vit):
+    model = get_peft_model(make_vit(), LPTConfig(num_labels=3, shared_layers=K, num_groups=4, phase=2)).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(pixel_values=torch.randn(2, 3, 16, 16))
+    assert out.logits.dtype == torch.float32 and out.key_similarity.dtype == torch.float32
+
+
+def test_target_modules_must_be_left_to_lpt():
+    with pytest.raises(ValueError, match="target_modules is a regular expression string"):
+        LPTConfig(num_labels=3, target_modules=["attention"])

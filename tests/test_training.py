@@ -90,13 +90,13 @@ def test_killed_run_resumes_to_identical_parameters(tmp_path):
     common = ["--epochs_phase1", "2", "--epochs_phase2", "2", "--checkpointing_steps", "2"]
     launch(["--output_dir", str(tmp_path / "straight"), *common])
     interrupted = tmp_path / "interrupted"
-    # Crash hard in phase 1 between checkpoints (step 5; the last state is from step 4), resume, then crash again in
-    # phase 2 and resume once more.
+    # Crash hard in phase 1 between checkpoints (step 5; the last state is from step 4), resume, then crash again at
+    # the first step of phase 2, before any phase-2 state exists (so the run resumes from the end of phase 1).
     crashed = launch(["--output_dir", str(interrupted), *common], env={"LPT_FAULT_INJECT_STEP": "1:5"}, check=False)
     assert crashed.returncode != 0 and "exit status 17" in crashed.stderr, crashed.stderr[-3000:]
     assert not (interrupted / "phase2").exists()
     resume = ["--output_dir", str(interrupted), *common, "--resume_from_checkpoint", "latest"]
-    crashed = launch(resume, env={"LPT_FAULT_INJECT_STEP": "2:3"}, check=False)
+    crashed = launch(resume, env={"LPT_FAULT_INJECT_STEP": "2:1"}, check=False)
     assert crashed.returncode != 0 and "exit status 17" in crashed.stderr, crashed.stderr[-3000:]
     launch(resume)
     for phase in ("phase1", "phase2"):
@@ -191,3 +191,10 @@ def test_bf16_mixed_precision_and_gradient_accumulation(tmp_path):
     assert state["phase"] == 2 and state["global_step"] == 2  # 4 micro-batches, 2 optimizer updates
     weights = adapter_weights(out / "phase2")
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
+
+
+def test_resuming_a_phase1_checkpoint_as_phase2_is_refused(tmp_path):
+    run_training(small_args(tmp_path, phase="1", max_steps_per_epoch=2))
+    adapter = str(tmp_path / "out" / "phase1")
+    with pytest.raises(ValueError, match="is a phase-1 checkpoint but this run trains phase"):
+        run_training(small_args(tmp_path, phase="2", init_from=adapter, resume_from_checkpoint="latest"))
