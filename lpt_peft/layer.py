@@ -124,13 +124,7 @@ class LPTAttention(nn.Module, LPTLayer):
         self.frozen_peft_weight_names[adapter_name] = (frozen,)
 
     def _active_prompt_adapter(self) -> str | None:
-        active = [name for name in self.active_adapters if name in self.lpt_shared_prompt]
-        if len(active) > 1:
-            raise ValueError(
-                f"LPT runs one adapter at a time, but {active} are active. Call `model.set_adapter(name)` with a "
-                "single adapter name."
-            )
-        return active[0] if active else None
+        return single_active_adapter(self.active_adapters, self.lpt_shared_prompt)
 
     def _prompt_key_value(self, prompts: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of prompts `(..., P, D)` as `(batch or 1, heads, P, head_dim)`."""
@@ -221,6 +215,17 @@ class LPTAttention(nn.Module, LPTLayer):
 
     def __repr__(self) -> str:
         return "lpt." + super().__repr__()
+
+
+def single_active_adapter(active_adapters, available) -> str | None:
+    """The one active LPT adapter among `available`, None if there is none, a clear error if there are several."""
+    active = [name for name in active_adapters if name in available]
+    if len(active) > 1:
+        raise ValueError(
+            f"LPT runs one adapter at a time, but {active} are active. Call `model.set_adapter(name)` with a "
+            "single adapter name."
+        )
+    return active[0] if active else None
 
 
 def _pad_attention_mask(attention_mask, num_prompts: int):

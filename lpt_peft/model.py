@@ -14,7 +14,7 @@ from transformers.utils import ModelOutput
 
 from .architectures import LPTArchitecture, get_architecture
 from .config import LPTConfig
-from .layer import _SUPPORTED_ATTENTION, LPTAttention, LPTLayer, _trunc_normal
+from .layer import _SUPPORTED_ATTENTION, LPTAttention, LPTLayer, _trunc_normal, single_active_adapter
 
 
 @dataclass
@@ -244,13 +244,7 @@ class LPTModel(BaseTuner):
         return [module for module in self.model.modules() if isinstance(module, LPTAttention)]
 
     def _active_lpt_adapter(self) -> str | None:
-        active = [name for name in self.active_adapters if name in self.peft_config]
-        if len(active) > 1:
-            raise ValueError(
-                f"LPT runs one adapter at a time, but {active} are active. Call `model.set_adapter(name)` with a "
-                "single adapter name."
-            )
-        return active[0] if active else None
+        return single_active_adapter(self.active_adapters, self.peft_config)
 
     def set_phase(self, phase: int, adapter_name: str | None = None) -> None:
         """Switch an adapter between phase 1 (shared prompts + head train) and phase 2 (group pool, keys + head train).

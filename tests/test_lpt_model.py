@@ -240,6 +240,9 @@ def test_multiple_adapters_and_set_adapter(make_vit):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith(".b") for n in trainable)
     assert not any("lpt_shared_prompt" in n for n in trainable)  # "b" is in phase 2
+    model.base_model.set_adapter(["default", "b"])
+    with pytest.raises(ValueError, match=r"LPT runs one adapter at a time, but \['default', 'b'\] are active"):
+        model(pixel_values=x)
     model.set_adapter("default")
     assert torch.equal(model(pixel_values=x).logits, first)
     model.delete_adapter("b")
