@@ -196,6 +196,9 @@ class LPTArchitecture:
             layers expect (may return None).
         cls_index: Position of the token whose final state is the image feature (and the phase-2 query).
         attention: The [`AttentionSpec`] of the attention module.
+        cls_only_last_layer: Whether the last layer of each pass may be computed for the class token's row only
+            (keys and values still come from every token). Exact when everything in a layer but attention works
+            token by token, as in all built-in families; set False for a layer that mixes tokens elsewhere.
 
     Example (the entry of `CLIPVisionModel`):
 
@@ -225,6 +228,7 @@ class LPTArchitecture:
     make_mask: Callable[..., object] = bidirectional_mask
     cls_index: int = 0
     attention: AttentionSpec = field(default_factory=AttentionSpec)
+    cls_only_last_layer: bool = True
 
     def __post_init__(self) -> None:
         classes = self.model_classes

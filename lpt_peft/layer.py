@@ -28,6 +28,8 @@ class LPTLayer(BaseTunerLayer):
 
     adapter_layer_names = ("lpt_shared_prompt", "lpt_group_prompt")
     other_param_names = ()
+    # Keyword arguments the tuner sent through the enclosing layer for the current call (checked on arrival).
+    _lpt_expected: set[str] | None = None
 
 
 class LPTAttention(nn.Module, LPTLayer):
@@ -146,12 +148,22 @@ class LPTAttention(nn.Module, LPTLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         lpt_group_indices: torch.Tensor | None = None,
+        lpt_context: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None] | torch.Tensor:
         base = self.base_layer
         adapter = None if self.disable_adapters else self._active_prompt_adapter()
         if adapter is None:
             return base(hidden_states, attention_mask, **kwargs)
+        expected = getattr(self, "_lpt_expected", None)
+        received = {"lpt_context": lpt_context, "lpt_group_indices": lpt_group_indices}
+        if expected and any(received[name] is None for name in expected):
+            raise ValueError(
+                f"The layer around {type(base).__name__} does not pass keyword arguments on to its attention module, "
+                "so LPT's group prompts and class-token-only last layer cannot reach it. Make the layer forward "
+                "`**kwargs` to the attention call (as transformers' ViT layers do); for phase 1 alone, "
+                "`cls_only_last_layer=False` in its LPTArchitecture also works."
+            )
 
         attn_impl = base.config._attn_implementation
         if attn_impl not in _SUPPORTED_ATTENTION and not attn_impl.startswith("flash"):
@@ -167,8 +179,12 @@ class LPTAttention(nn.Module, LPTLayer):
         head_dim = spec.get_head_dim(base)
         hidden_shape = (*input_shape, -1, head_dim)
         query = spec.projection(base, "query")(hidden_states).view(hidden_shape).transpose(1, 2)
-        key = spec.projection(base, "key")(hidden_states).view(hidden_shape).transpose(1, 2)
-        value = spec.projection(base, "value")(hidden_states).view(hidden_shape).transpose(1, 2)
+        # `lpt_context`: the layer runs for a few query rows only (the class token in the last layer of a pass),
+        # while every token still serves as key and value, normalised by this layer's own pre-attention norm.
+        context = hidden_states if lpt_context is None else self.norm(lpt_context)
+        context_shape = (*context.shape[:-1], -1, head_dim)
+        key = spec.projection(base, "key")(context).view(context_shape).transpose(1, 2)
+        value = spec.projection(base, "value")(context).view(context_shape).transpose(1, 2)
 
         dtype = hidden_states.dtype
         prompt_key, prompt_value = self._prompt_key_value(self.lpt_shared_prompt[adapter].to(dtype), head_dim)

@@ -471,8 +471,11 @@ class ToyBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(config.hidden_size)
         self.mlp = nn.Sequential(nn.Linear(config.hidden_size, 64), nn.GELU(), nn.Linear(64, config.hidden_size))
 
+    forward_kwargs = True
+
     def forward(self, x, attention_mask=None, **kwargs):
-        x = x + self.attn(self.ln_1(x), attention_mask)
+        # LPT's per-call inputs reach the attention module through the layer's keyword arguments.
+        x = x + self.attn(self.ln_1(x), attention_mask, **(kwargs if self.forward_kwargs else {}))
         return x + self.mlp(self.ln_2(x))
 
 
@@ -541,3 +544,7 @@ def test_custom_attention_layout(monkeypatch, attn):
         with model.disable_adapter():
             assert torch.equal(model(pixel_values=x), reference(x))
     torch.testing.assert_close(out.features, expected, atol=1e-5, rtol=0)
+    # A layer that drops keyword arguments would silently lose the group prompts: it gets a clear error instead.
+    monkeypatch.setattr(ToyBlock, "forward_kwargs", False)
+    with pytest.raises(ValueError, match="does not pass keyword arguments on to its attention module"):
+        model(pixel_values=x)

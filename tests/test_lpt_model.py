@@ -356,3 +356,16 @@ def test_cosines_stay_float32_under_autocast(make_vit):
 def test_target_modules_must_be_left_to_lpt():
     with pytest.raises(ValueError, match="target_modules is a regular expression string"):
         LPTConfig(num_labels=3, target_modules=["attention"])
+
+
+@pytest.mark.parametrize("phase", [1, 2])
+def test_class_token_only_last_layer_matches_the_full_layer(make_vit, phase):
+    model = get_peft_model(make_vit(), LPTConfig(num_labels=3, shared_layers=K, num_groups=4, phase=phase)).eval()
+    randomize_adapter(model)
+    x = torch.randn(3, 3, 16, 16)
+    fast = model(pixel_values=x)
+    full = model(pixel_values=x, output_hidden_states=True)  # needs every token, so runs the full last layers
+    assert len(full.hidden_states) == 1 + 4
+    torch.testing.assert_close(fast.logits, full.logits, atol=1e-6, rtol=0)
+    if phase == 2:
+        assert torch.equal(fast.group_indices, full.group_indices)
