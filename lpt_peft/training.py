@@ -686,9 +686,10 @@ def _trackers(args: LPTTrainingArguments) -> list[str] | None:
 def run_training(args: LPTTrainingArguments, data: LongTailDataset | None = None) -> dict[str, Any]:
     """Phase 1 and/or phase 2 on one data set, then test evaluation, result tables and plots.
 
-    Writes to `args.output_dir`: `phase1/` and `phase2/` (adapters, loadable with `PeftModel.from_pretrained`),
-    `checkpoints/` (training states for `--resume_from_checkpoint`), `results.json`, `results.md`,
-    `per_class_accuracy.png`, `group_usage.png`, `class_info.json`.
+    Writes to `args.output_dir`: `phase1/` and `phase2/` (each phase's adapter, the epoch best on validation, loadable
+    with `PeftModel.from_pretrained`), `best/` (the running best of each phase while it trains), `checkpoints/`
+    (training states for `--resume_from_checkpoint`), `results.json`, `results.md`, `per_class_accuracy.png`,
+    `group_usage.png`, `class_info.json`.
     """
     from .metrics import save_results
     from .plots import plot_group_usage, plot_per_class_accuracy
