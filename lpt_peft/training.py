@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from .backbones import load_backbone
 from .config import LPTConfig
 from .data.long_tail import LongTailDataset
 from .data.transforms import LPTImageTransform, decode_image
@@ -887,12 +888,6 @@ def _merge_json(path: Path, new: dict[str, Any]) -> dict[str, Any]:
     merged = {**json.loads(path.read_text()), **new} if path.is_file() else dict(new)
     _atomic_write_text(path, json.dumps(merged, indent=2, allow_nan=True))
     return merged
-
-
-def load_backbone(name_or_path: str, image_size: int, attn_implementation: str) -> nn.Module:
-    from .backbones import load_backbone as _load
-
-    return _load(name_or_path, image_size=image_size, attn_implementation=attn_implementation)
 
 
 def evaluate_adapter(adapter: str, args: LPTTrainingArguments, data: LongTailDataset | None = None) -> dict[str, Any]:
