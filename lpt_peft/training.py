@@ -198,7 +198,7 @@ def build_peft_model(
     id2label: dict[int, str] | None = None,
     init_from: str | None = None,
 ) -> PeftModel:
-    """A trainable LPT model: a fresh phase-1 adapter, or the adapter saved in `init_from` (checked first)."""
+    """A trainable LPT model: a fresh phase-1 adapter, or the phase-1 adapter saved in `init_from` (checked first)."""
     if init_from is None:
         return get_peft_model(backbone, lpt_config_from_args(args, num_labels, id2label))
     from peft import PeftConfig
@@ -212,15 +212,16 @@ def build_peft_model(
     config = PeftConfig.from_pretrained(init_from)
     if not isinstance(config, LPTConfig):
         raise ValueError(f"--init_from {init_from!r} is a {config.peft_type} adapter, not an LPT adapter.")
+    if config.phase != 1:
+        raise ValueError(
+            f"--init_from {init_from!r} is a phase-{config.phase} adapter; phase 2 starts from a phase-1 adapter "
+            "(<output_dir>/phase1). To continue an interrupted run use --resume_from_checkpoint."
+        )
     if config.num_labels != num_labels:
         raise ValueError(
             f"--init_from {init_from!r} has num_labels={config.num_labels} but the data set has {num_labels} classes."
         )
     return PeftModel.from_pretrained(backbone, init_from, is_trainable=True)
-
-
-def phase_outputs(model: nn.Module, pixel_values: torch.Tensor) -> Any:
-    return model(pixel_values=pixel_values)
 
 
 def branch_match_scores(output, split: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -718,17 +719,6 @@ def run_training(args: LPTTrainingArguments, data: LongTailDataset | None = None
     id2label = dict(enumerate(data.class_names))
     backbone = load_backbone(args.model_name_or_path, args.image_size, args.attn_implementation)
     init_from = args.init_from if args.phase == "2" and resume_dir is None else None
-    if init_from is not None:
-        from peft import PeftConfig
-
-        if not (Path(init_from) / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"--init_from {init_from!r} holds no adapter_config.json.")
-        saved_phase = PeftConfig.from_pretrained(init_from).phase
-        if saved_phase != 1:
-            raise ValueError(
-                f"--init_from {init_from!r} is a phase-{saved_phase} adapter; phase 2 starts from a phase-1 adapter "
-                "(<output_dir>/phase1). To continue an interrupted run use --resume_from_checkpoint."
-            )
     model = build_peft_model(backbone, args, data.num_classes, id2label, init_from=init_from)
     check_dataset(data, model.peft_config[model.active_adapter].num_labels)
     model.to(accelerator.device)  # the baselines run before accelerate.prepare
