@@ -62,3 +62,12 @@ def places_lt_split_dir():
     if os.environ.get("CI"):
         pytest.fail("CI must find the Places-LT split files in shared/data/places_lt beside the repository")
     pytest.skip("Places-LT split files not found; set LPT_PLACES_LT_SPLITS")
+
+
+def randomize_adapter(model, seed=1, scale=0.5):
+    """Move every adapter weight away from its init so the tests do not depend on it."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lpt_" in name:
+                param.add_(torch.randn(param.shape, generator=gen) * scale)

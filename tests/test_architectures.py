@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize_adapter
 from peft import get_peft_model
 from torch import nn
 from transformers import (
@@ -161,14 +162,6 @@ def adapter_tensors(model, name="default"):
     pool = {m.layer_idx: m.lpt_group_prompt[name].detach() for m in layers if name in m.lpt_group_prompt}
     tuner = model.base_model
     return shared, pool, tuner.lpt_keys[name].detach(), tuner.lpt_head[name].detach()
-
-
-def randomize_adapter(model, seed=1, scale=0.5):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lpt_" in name:
-                param.add_(torch.randn(param.shape, generator=gen) * scale)
 
 
 def two_pass_oracle(family, encoder, model, pixel_values, top_k=2, shared_layers=K, token=0):

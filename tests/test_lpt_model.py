@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize_adapter
 from peft import PeftModel, get_peft_model
 from transformers import ViTForImageClassification, ViTModel
 from transformers.models.vit.modeling_vit import ViTAttention
@@ -45,15 +46,6 @@ def adapter_tensors(model, name="default"):
         if name in layer.attention.lpt_group_prompt
     }
     return shared, pool, tuner.lpt_keys[name].detach(), tuner.lpt_head[name].detach()
-
-
-def randomize_adapter(model, seed=1, scale=0.5):
-    """Move every adapter weight away from its init so the tests do not depend on it."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lpt_" in name:
-                param.add_(torch.randn(param.shape, generator=gen) * scale)
 
 
 def phase2_reference(reference_vit, model, pixel_values, top_k=2, shared_layers=K):
