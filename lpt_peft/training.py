@@ -254,6 +254,7 @@ class TrainerState:
     best_epoch: int | None = None
     finished_phases: list[int] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
+    run: dict[str, Any] | None = None  # what determines the trajectory, see `run_record`; checked on resume
 
     def save(self, path: Path) -> None:
         _atomic_write_text(path, json.dumps(asdict(self), indent=2))
@@ -340,7 +341,11 @@ class CheckpointManager:
         return final
 
     def _prune(self, keep: Path) -> None:
-        complete = sorted(p for p in self.root.iterdir() if p.is_dir() and (p / STATE_FILE).is_file())
+        complete = sorted(
+            p
+            for p in self.root.iterdir()
+            if p.is_dir() and not p.name.endswith(".partial") and (p / STATE_FILE).is_file()
+        )
         for path in complete[: max(0, len(complete) - self.total_limit)]:
             if path != keep:
                 shutil.rmtree(path, ignore_errors=True)
@@ -357,13 +362,130 @@ class CheckpointManager:
             path = self.root / pointer.read_text().strip()
             if (path / STATE_FILE).is_file():
                 return path
-        complete = sorted(p for p in self.root.glob("phase*") if p.is_dir() and (p / STATE_FILE).is_file())
+        complete = sorted(
+            p
+            for p in self.root.glob("phase*")
+            if p.is_dir() and not p.name.endswith(".partial") and (p / STATE_FILE).is_file()
+        )
         if not complete:
             raise FileNotFoundError(
                 f"--resume_from_checkpoint latest: no complete checkpoint under {self.root}. Start without "
                 "--resume_from_checkpoint, or pass the folder of a checkpoint."
             )
         return complete[-1]
+
+
+# Options that change what a run computes: its data, model, schedule, sampling, loss or numerics. Output options
+# (checkpointing_steps, num_workers, report_to, ...) do not, and test-only ones (max_test_per_class) cannot.
+TRAJECTORY_OPTIONS = (
+    "dataset", "n_max", "imbalance", "num_classes", "data_seed", "val_per_class", "verify_images",
+    "image_size", "resize_size", "mean", "std", "crop_scale_min",
+    "model_name_or_path", "attn_implementation", "layer_norm_eps", "prompt_length", "num_groups",
+    "group_prompt_length", "top_k", "shared_layers", "classifier_dropout",
+    "phase", "epochs_phase1", "epochs_phase2", "max_steps_per_epoch",
+    "batch_size", "samples_per_class", "dual_sampling", "eta", "loss", "matching_weight", "instance_balanced_gammas",
+    "learning_rate", "lr_reference_batch", "weight_decay", "momentum", "warmup_epochs",
+    "gradient_accumulation_steps", "max_grad_norm", "mixed_precision", "seed", "eval_every_epochs",
+)  # fmt: skip
+
+
+def dataset_fingerprint(dataset) -> str | None:
+    """`"<n> images, sha256 <hex>"` over the labels and each image's file name and size (or its bytes if in memory).
+
+    Only the last two path components count, so a data set moved to another root keeps its fingerprint.
+    """
+    import hashlib
+
+    import datasets
+
+    if dataset is None:
+        return None
+    if isinstance(dataset.features.get("image"), datasets.Image):
+        dataset = dataset.cast_column("image", datasets.Image(decode=False))
+    digest = hashlib.sha256(dataset_labels(dataset).tobytes())
+    for value in dataset["image"]:
+        path, data = (value.get("path"), value.get("bytes")) if isinstance(value, dict) else (value, None)
+        if data is not None:
+            digest.update(hashlib.sha256(data).digest())
+        else:
+            path = os.fspath(path)
+            size = os.path.getsize(path) if os.path.isfile(path) else -1
+            digest.update(f"{Path(path).parent.name}/{Path(path).name}:{size}".encode())
+    return f"{len(dataset)} images, sha256 {digest.hexdigest()[:16]}"
+
+
+def run_record(args: LPTTrainingArguments, data: LongTailDataset, num_processes: int) -> dict[str, Any]:
+    """Everything that determines a run's trajectory; a checkpoint stores it and a resume must match it."""
+    return {
+        "options": {name: getattr(args, name) for name in TRAJECTORY_OPTIONS},
+        "num_processes": num_processes,
+        "global_batch": args.batch_size * num_processes * args.gradient_accumulation_steps,
+        "train_data": dataset_fingerprint(data.train),
+        "val_data": dataset_fingerprint(data.val),
+    }
+
+
+def _flag_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+def resume_mismatches(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """One line per difference between a checkpoint's run record and this run's, saying how to match it."""
+    lines = []
+    old_options, new_options = recorded.get("options", {}), current["options"]
+    for name, new in new_options.items():
+        old = old_options.get(name, "<not recorded>")
+        if json.dumps(old) == json.dumps(new):
+            continue
+        how = f"leave --{name} unset" if old is None else f"pass --{name} {_flag_value(old)}"
+        lines.append(f"--{name}: the checkpoint has {_flag_value(old)}, this run {_flag_value(new)} ({how} as before)")
+    if recorded.get("num_processes") != current["num_processes"]:
+        old, new = recorded.get("num_processes"), current["num_processes"]
+        lines.append(
+            f"processes: the checkpoint was written by {old}, this run has {new} (the epoch length, learning-rate "
+            f"scale and batches depend on it: launch with `accelerate launch --num_processes {old}` as before, "
+            f"global batch {recorded.get('global_batch')})"
+        )
+    for key, split in (("train_data", "training"), ("val_data", "validation")):
+        if recorded.get(key) != current[key]:
+            lines.append(
+                f"{split} data: the checkpoint was trained on {recorded.get(key)}, this run has {current[key]} "
+                "(use the same data files and data options as before)"
+            )
+    return lines
+
+
+def check_resume(resume_dir: Path, state: TrainerState, current: dict[str, Any], phases: Sequence[int]) -> None:
+    """Refuse, before anything is written, a resume that would not continue the checkpoint's run exactly.
+
+    Raises:
+        ValueError: the checkpoint records no run (older lpt-peft), its run differs (each difference named with both
+            values and how to match it), or its phase is not one this run trains.
+    """
+    fresh = "or start a fresh --output_dir without --resume_from_checkpoint"
+    if not state.run:
+        raise ValueError(
+            f"Cannot resume from {resume_dir}: it records no run configuration (written by an older lpt-peft), so an "
+            f"exact continuation cannot be checked. Retrain {fresh.removeprefix('or ')}."
+        )
+    lines = resume_mismatches(state.run, current)
+    if lines:
+        raise ValueError(
+            f"Cannot resume from {resume_dir}: this run differs from the one that wrote it and would not continue "
+            "the same training:\n  - " + "\n  - ".join(lines) + f"\nResume with the checkpoint's values, {fresh} to "
+            "train with the new ones. Nothing was written."
+        )
+    if state.phase not in phases:
+        raise ValueError(
+            f"{resume_dir} is a phase-{state.phase} checkpoint but this run trains phase(s) {list(phases)}. Resume "
+            "with the --phase of the interrupted run, or start phase 2 from its adapter with --init_from (and a new "
+            "--output_dir)."
+        )
+
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
@@ -637,19 +759,36 @@ def build_dataset(args: LPTTrainingArguments) -> LongTailDataset:
         )
     elif args.dataset == "cifar100_lt":
         data = lt.load_cifar100_lt(
-            imbalance=args.imbalance, seed=args.data_seed, data_dir=args.data_root, val_per_class=args.val_per_class
+            imbalance=args.imbalance,
+            seed=args.data_seed,
+            data_dir=args.data_root,
+            val_per_class=args.val_per_class,
+            n_max=args.n_max,
         )
     elif args.dataset in ("places_lt", "imagenet_lt"):
         need("data_root", "split_dir")
         loader = lt.load_places_lt if args.dataset == "places_lt" else lt.load_imagenet_lt
-        data = loader(args.data_root, args.split_dir, verify_images=args.verify_images)
+        data = loader(
+            args.data_root, args.split_dir, verify_images=args.verify_images, num_workers=max(1, args.num_workers)
+        )
     elif args.dataset == "inat2018":
         need("data_root")
         kwargs = {k: getattr(args, k) for k in ("train_json", "val_json") if getattr(args, k)}
-        data = lt.load_inaturalist2018(args.data_root, verify_images=args.verify_images, **kwargs)
+        data = lt.load_inaturalist2018(
+            args.data_root, verify_images=args.verify_images, num_workers=max(1, args.num_workers), **kwargs
+        )
     else:
         need("train_dir")
-        data = lt.load_imagefolder_lt(args.train_dir, test_dir=args.test_dir, val_dir=args.val_dir)
+        data = lt.load_imagefolder_lt(
+            args.train_dir,
+            test_dir=args.test_dir,
+            val_dir=args.val_dir,
+            verify_images=args.verify_images,
+            num_workers=max(1, args.num_workers),
+            flag_prefix="--",
+        )
+    if args.verify_images and not data.skipped_images:  # built in memory: verify here, like the file loaders do
+        data = lt.drop_unreadable_images(data, num_workers=max(1, args.num_workers))
     if args.max_test_per_class:
         data.test = _cap_per_class(data.test, args.max_test_per_class)
     return data
@@ -669,6 +808,43 @@ def make_accelerator(**kwargs: Any) -> Accelerator:
     """
     cpu_group = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(cpu=cpu_group or kwargs.pop("cpu", False), **kwargs)
+
+
+def check_images_before_training(data: LongTailDataset, args: LPTTrainingArguments) -> None:
+    """Decode the val and test images once before any training (unless a loader already verified that split).
+
+    A bad file there would otherwise crash validation after the first epoch trained, before its checkpoint.
+    """
+    from .data.benchmarks import check_images_decode
+
+    for split in ("val", "test"):
+        dataset = getattr(data, split)
+        if dataset is not None and split not in data.skipped_images:
+            check_images_decode(dataset, split, num_workers=max(1, args.num_workers))
+
+
+def log_launch(accelerator: Accelerator, args: LPTTrainingArguments) -> None:
+    """Say how many processes train, on which device, with which global batch; warn when processes were lost."""
+    n = accelerator.num_processes
+    global_batch = args.batch_size * n * args.gradient_accumulation_steps
+    if accelerator.is_main_process:
+        logger.info(
+            "Training with %d process(es) (world size %d) on %s, mixed precision %s; global batch %d = %d per process "
+            "and branch x %d process(es) x %d accumulation step(s); learning rate %g.",
+            n, n, accelerator.device, args.mixed_precision, global_batch, args.batch_size, n,
+            args.gradient_accumulation_steps, scaled_learning_rate(args, n),
+        )  # fmt: skip
+    requested = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    # `accelerate launch --cpu` runs one process whatever --num_processes/--num_machines say; it then still exports
+    # MASTER_PORT (set only when more than one process or machine was asked for) and ACCELERATE_USE_CPU.
+    cpu_launch = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1") and "MASTER_PORT" in os.environ
+    if n == 1 and (requested > 1 or cpu_launch):
+        logger.warning(
+            "Several processes were requested but this run trains in ONE process. `accelerate launch --cpu` always "
+            "starts a single process; for several CPU processes use `accelerate launch --multi_gpu --num_processes N` "
+            "on a machine without GPUs (or with CUDA_VISIBLE_DEVICES=''): lpt-peft joins them into one gloo group."
+        )
+
 
 
 def _trackers(args: LPTTrainingArguments) -> list[str] | None:
@@ -716,18 +892,19 @@ def run_training(args: LPTTrainingArguments, data: LongTailDataset | None = None
         state = TrainerState.load(resume_dir / STATE_FILE)
 
     data = data if data is not None else build_dataset(args)
+    check_images_before_training(data, args)
+    record = run_record(args, data, accelerator.num_processes)
+    if resume_dir is not None:
+        check_resume(resume_dir, state, record, args.phases)
+    else:
+        state.run = record
+    log_launch(accelerator, args)
     id2label = dict(enumerate(data.class_names))
     backbone = load_backbone(args.model_name_or_path, args.image_size, args.attn_implementation)
     init_from = args.init_from if args.phase == "2" and resume_dir is None else None
     model = build_peft_model(backbone, args, data.num_classes, id2label, init_from=init_from)
     check_dataset(data, model.peft_config[model.active_adapter].num_labels)
     model.to(accelerator.device)  # the baselines run before accelerate.prepare
-    if resume_dir is not None and state.phase not in args.phases and state.phase <= max(args.phases):
-        raise ValueError(
-            f"{resume_dir} is a phase-{state.phase} checkpoint but this run trains phase(s) {list(args.phases)}. "
-            "Resume with the --phase of the interrupted run, or start phase 2 from its adapter with --init_from "
-            "(and a new --output_dir)."
-        )
     model.base_model.card_info = {
         "dataset": args.dataset,
         "grouping": "author" if args.author_grouping else "standard",

@@ -12,6 +12,32 @@ import yaml
 from transformers import HfArgumentParser
 
 DATASETS = ("fashion_mnist_lt", "places_lt", "imagenet_lt", "inat2018", "imagefolder", "cifar100_lt", "synthetic")
+_BUILT = ("synthetic", "fashion_mnist_lt", "cifar100_lt")  # long-tailed subsets built from a balanced set
+# Data options that only some data sets use; any other data set rejects them (when set to a non-default value)
+# rather than ignore them. Every other option is honoured by every data set.
+DATASET_OPTIONS = {
+    "data_root": ("fashion_mnist_lt", "cifar100_lt", "places_lt", "imagenet_lt", "inat2018"),
+    "split_dir": ("places_lt", "imagenet_lt"),
+    "train_json": ("inat2018",),
+    "val_json": ("inat2018",),
+    "train_dir": ("imagefolder",),
+    "val_dir": ("imagefolder",),
+    "test_dir": ("imagefolder",),
+    "n_max": _BUILT,
+    "imbalance": _BUILT,
+    "val_per_class": _BUILT,
+    "data_seed": _BUILT,
+    "num_classes": ("synthetic",),
+}
+_WHY_NOT = {
+    "imagefolder": "its splits, classes and counts come from the class folders",
+    "places_lt": "its splits and counts come from the split files",
+    "imagenet_lt": "its splits and counts come from the split files",
+    "inat2018": "its splits and counts come from the annotation files",
+    "fashion_mnist_lt": "it has 10 classes",
+    "cifar100_lt": "it has 100 classes",
+    "synthetic": "it is generated in memory",
+}
 
 
 @dataclass
@@ -164,6 +190,7 @@ class LPTTrainingArguments:
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
             raise ValueError(f"--dataset {self.dataset!r} is not known; choose one of {', '.join(DATASETS)}.")
+        self._check_dataset_options()
         self.phase = str(self.phase)
         if self.phase not in ("both", "1", "2"):
             raise ValueError(f"--phase must be 'both', '1' or '2', got {self.phase!r}.")
@@ -200,6 +227,18 @@ class LPTTrainingArguments:
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+
+    def _check_dataset_options(self) -> None:
+        """Refuse a data option the chosen data set would ignore (a silently ignored option is a wrong run)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, users in DATASET_OPTIONS.items():
+            value = getattr(self, name)
+            if self.dataset in users or value is None or value == defaults[name]:
+                continue
+            raise ValueError(
+                f"--{name} {value} does not apply to --dataset {self.dataset} ({_WHY_NOT[self.dataset]}); only "
+                f"{', '.join(users)} use it. Remove --{name} (from the command line or the --config file)."
+            )
 
     @property
     def phases(self) -> tuple[int, ...]:

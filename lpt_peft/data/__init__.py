@@ -1,6 +1,10 @@
 """Long-tailed data sets, sampling profiles and LPT image preprocessing."""
 
 from .benchmarks import (
+    check_imagefolder_layout,
+    check_images_decode,
+    drop_unreadable_images,
+    find_unreadable_images,
     load_cifar100_lt,
     load_imagefolder_lt,
     load_imagenet_lt,
@@ -26,6 +30,10 @@ __all__ = [
     "LPTImageTransform",
     "LongTailDataset",
     "apply_transforms",
+    "check_images_decode",
+    "check_imagefolder_layout",
+    "drop_unreadable_images",
+    "find_unreadable_images",
     "collate_fn",
     "count_labels",
     "dataset_from_uint8_arrays",

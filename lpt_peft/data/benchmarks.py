@@ -419,18 +419,33 @@ def load_imagefolder_lt(
     test_dir: str | os.PathLike | None = None,
     val_dir: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
+    verify_images: bool = False,
+    *,
+    num_workers: int = 8,
+    flag_prefix: str = "",
 ) -> LongTailDataset:
     """
     Load `<split_dir>/<class name>/<image>` folders with `datasets`' `imagefolder` builder (works offline).
 
-    Class names are the sorted folder names across all given splits. When `test_dir` is `None`, `train_dir` must be
-    a root holding `train/` and `test/` (and optionally `val/` or `validation/`) subfolders.
+    The layout is checked first ([`check_imagefolder_layout`]): one folder per class holding images directly, at
+    least 2 training classes, no `metadata.csv`/`.jsonl`/`.parquet` (which would turn the builder's labels off), no
+    class that only exists outside the training folder. Class names are the sorted training folder names. The split
+    folders may sit at any depth (labels come from each image's parent folder). When `test_dir` is `None`,
+    `train_dir` must be a root holding `train/` and `test/` (and optionally `val/` or `validation/`) subfolders.
 
     Args:
         train_dir (`str` or `os.PathLike`): Training images (or the root described above).
         test_dir (`str` or `os.PathLike`, *optional*): Test images.
         val_dir (`str` or `os.PathLike`, *optional*): Validation images.
         cache_dir (`str` or `os.PathLike`, *optional*): Where `datasets` writes its Arrow cache.
+        verify_images (`bool`, defaults to `False`): Decode every image once and skip unreadable ones (counted in
+            `skipped_images` and logged), as for the split-file data sets.
+        num_workers (`int`, defaults to 8): Threads used by `verify_images`.
+        flag_prefix (`str`, defaults to `""`): Prefix of the argument names in error messages (`"--"` for the CLI).
+
+    Raises:
+        FileNotFoundError: a split folder does not exist.
+        ValueError: the layout is wrong (the message names the folder, the cause and the fix).
 
     Example:
 
@@ -440,6 +455,8 @@ def load_imagefolder_lt(
     (['cat', 'dog'], [120, 7])
     ```
     """
+    flags = {split: f"{flag_prefix}{split}_dir" for split in ("train", "test")}
+    flags["validation"] = f"{flag_prefix}val_dir"
     train_dir = Path(train_dir)
     if test_dir is None:
         test_dir = train_dir / "test"
@@ -448,40 +465,198 @@ def load_imagefolder_lt(
         train_dir = train_dir / "train"
         if not (train_dir.is_dir() and test_dir.is_dir()):
             raise ValueError(
-                f"`test_dir` was not given, so {train_dir.parent} must contain 'train/' and 'test/' subfolders; pass "
-                "`test_dir=` explicitly otherwise."
+                f"`{flags['test']}` was not given, so {train_dir.parent} must contain 'train/' and 'test/' "
+                f"subfolders; pass `{flags['test']}` explicitly otherwise."
             )
     dirs = {"train": Path(train_dir), "test": Path(test_dir)}
     if val_dir is not None:
         dirs["validation"] = Path(val_dir)
-    for split, directory in dirs.items():
-        if not directory.is_dir():
-            raise FileNotFoundError(
-                f"The {split} image folder {directory} does not exist. Expected layout: {directory}/<class name>/"
-                "<image file>."
-            )
+    class_names = check_imagefolder_layout(dirs, flags)
     data_files = {split: str(directory / "**") for split, directory in dirs.items()}
-    loaded = load_dataset("imagefolder", data_files=data_files, cache_dir=os.fspath(cache_dir) if cache_dir else None)
+    # Labels from each image's parent folder whatever its depth (the layout is checked above): the builder's own
+    # inference drops all labels when the splits sit at different depths.
+    loaded = load_dataset(
+        "imagefolder",
+        data_files=data_files,
+        drop_labels=False,
+        drop_metadata=True,
+        cache_dir=os.fspath(cache_dir) if cache_dir else None,
+    )
+    features = _image_features(class_names)
+    splits = {}
     for split, dataset in loaded.items():
-        if "label" not in dataset.column_names:
-            raise ValueError(
-                f"No class subfolders found in {dirs[split]}: put each class's images in {dirs[split]}/<class name>/."
-            )
-    class_names = loaded["train"].features["label"].names
-    train_counts = count_labels(labels_as_numpy(loaded["train"]), len(class_names))
-    empty = [class_names[i] for i, n in enumerate(train_counts) if n == 0]
-    if empty:
-        raise ValueError(
-            f"Class folder(s) {empty[:10]} appear only outside {dirs['train']}; every class needs training images."
-        )
-    return LongTailDataset(
-        train=loaded["train"],
-        val=loaded["validation"] if "validation" in loaded else None,
-        test=loaded["test"],
+        names = dataset.features["label"].names
+        remap = np.asarray([class_names.index(n) for n in names], dtype=np.int64)
+        labels = remap[labels_as_numpy(dataset)]
+        splits[split] = dataset.remove_columns("label").add_column("label", labels.tolist()).cast(features)
+    data = LongTailDataset(
+        train=splits["train"],
+        val=splits.get("validation"),
+        test=splits["test"],
         num_classes=len(class_names),
         class_names=list(class_names),
-        train_class_counts=train_counts,
+        train_class_counts=count_labels(labels_as_numpy(splits["train"]), len(class_names)),
     )
+    return drop_unreadable_images(data, num_workers) if verify_images else data
+
+
+IMAGEFOLDER_METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
+
+
+def _image_extensions() -> set[str]:
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    return {ext.lower() for ext in ImageFolder.EXTENSIONS}
+
+
+def _check_class_folder_layout(split: str, directory: Path, flag: str) -> dict[str, int]:
+    """Check `<directory>/<class>/<image>` (the imagefolder layout) and return the image count of each class folder.
+
+    `datasets`' imagefolder builder silently changes meaning on a metadata file (labels become metadata), a nested
+    folder or files at different depths (no labels at all), and then reports the wrong folder; this names the cause.
+    """
+    extensions = _image_extensions()
+    fix = f"Expected {directory}/<class name>/<image file>, one folder per class and images directly inside."
+    if not directory.is_dir():
+        raise FileNotFoundError(f"The {split} image folder {directory} ({flag}) does not exist. {fix}")
+    entries = sorted(directory.iterdir())
+    loose = [p.name for p in entries if p.is_file() and p.suffix.lower() in extensions]
+    metadata = [p for p in directory.rglob("*") if p.name in IMAGEFOLDER_METADATA_FILES]
+    if metadata:
+        raise ValueError(
+            f"{metadata[0]} is a `datasets` imagefolder metadata file: with it the builder reads labels from the "
+            f"metadata instead of the class folders. Class folders define the labels here; remove or move "
+            f"{len(metadata)} metadata file(s) out of {directory}."
+        )
+    counts: dict[str, int] = {}
+    for folder in (p for p in entries if p.is_dir()):
+        nested = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        images = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in extensions]
+        if nested and not images and not loose:
+            raise ValueError(
+                f"{flag} {directory}: {folder.name}/ holds folders ({', '.join(nested[:3])}) instead of images, so "
+                f"{directory} looks one level above the class folders; pass {flag} {folder} (or move the class "
+                "folders up)."
+            )
+        if nested:
+            raise ValueError(
+                f"Class folder {folder} ({flag}) holds subfolder(s) {nested[:3]}; a class folder must hold its "
+                "images directly (imagefolder takes the image's parent folder as its class). Move the images up into "
+                f"{folder}/ or make each subfolder a class folder of {directory}."
+            )
+        counts[folder.name] = len(images)
+    if loose:
+        raise ValueError(
+            f"{flag} {directory} holds {len(loose)} image(s) directly (e.g. {loose[0]}) beside class folders; every "
+            f"image must be in a class folder. {fix}"
+        )
+    if not counts:
+        raise ValueError(f"No class subfolders found in {directory} ({flag}). {fix}")
+    empty = [name for name, n in counts.items() if n == 0]
+    if empty and split == "train":
+        raise ValueError(
+            f"Class folder(s) {empty[:10]} in {directory} ({flag}) hold no images; every class needs training "
+            f"images (supported extensions: .jpg, .png, ...). Add images or remove the folder(s)."
+        )
+    return counts
+
+
+def check_imagefolder_layout(dirs: Mapping[str, Path], flags: Mapping[str, str]) -> list[str]:
+    """Check every split's class folders before `datasets` reads them; return the class names (sorted).
+
+    Raises:
+        FileNotFoundError: a split folder is missing.
+        ValueError: a metadata file, nested folders, loose images, empty training classes, fewer than 2 training
+            classes, or a class folder outside the training folder; the message names the folder and the fix.
+    """
+    counts = {split: _check_class_folder_layout(split, Path(d), flags[split]) for split, d in dirs.items()}
+    train = counts["train"]
+    if len(train) < 2:
+        raise ValueError(
+            f"{flags['train']} {dirs['train']} has {len(train)} class folder ({', '.join(train)}); LPT classifies "
+            "long-tailed data and needs at least 2 classes (one folder per class under the training folder)."
+        )
+    for split, split_counts in counts.items():
+        outside = sorted(set(split_counts) - set(train))
+        if outside:
+            raise ValueError(
+                f"Class folder(s) {outside[:10]} appear only outside {dirs['train']} (in {dirs[split]}, "
+                f"{flags[split]}); every class needs training images. Add them to {dirs['train']} or remove them."
+            )
+    return sorted(train)
+
+
+def find_unreadable_images(dataset: datasets.Dataset, num_workers: int = 8) -> list[int]:
+    """Row indices of `dataset` whose image cannot be decoded (corrupt, truncated, not an image).
+
+    Works on file paths and on in-memory bytes alike, so `verify_images` means the same for every data set.
+    """
+    from .transforms import decode_image
+
+    if isinstance(dataset.features.get("image"), datasets.Image):
+        dataset = dataset.cast_column("image", datasets.Image(decode=False))
+
+    def readable(value) -> bool:
+        if isinstance(value, dict) and value.get("bytes") is None and value.get("path"):
+            return _is_readable(value["path"])
+        try:
+            decode_image(value)
+            return True
+        except (ValueError, TypeError):
+            return False
+
+    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+        ok = list(pool.map(readable, dataset["image"], chunksize=64))
+    return [i for i, good in enumerate(ok) if not good]
+
+
+def _image_name(dataset: datasets.Dataset, index: int) -> str:
+    value = dataset.cast_column("image", datasets.Image(decode=False))[int(index)]["image"]
+    return (value.get("path") if isinstance(value, dict) else None) or f"row {index} (in-memory image)"
+
+
+def drop_unreadable_images(data: LongTailDataset, num_workers: int = 8) -> LongTailDataset:
+    """Remove unreadable images from every split of `data` (in place), count them in `data.skipped_images`.
+
+    Raises:
+        ValueError: a class loses all its training images.
+    """
+    for split in SPLIT_NAMES:
+        dataset = getattr(data, split)
+        if dataset is None:
+            continue
+        bad = find_unreadable_images(dataset, num_workers)
+        data.skipped_images[split] = data.skipped_images.get(split, 0) + len(bad)
+        if bad:
+            names = ", ".join(_image_name(dataset, i) for i in bad[:3])
+            logger.warning(
+                "Skipped %d unreadable or truncated image(s) of the %s split (first: %s).", len(bad), split, names
+            )
+            keep = np.setdiff1d(np.arange(len(dataset)), bad)
+            setattr(data, split, dataset.select(keep))
+    data.train_class_counts = count_labels(labels_as_numpy(data.train), data.num_classes)
+    empty = [data.class_names[i] for i, n in enumerate(data.train_class_counts) if n == 0]
+    if empty:
+        raise ValueError(
+            f"Class(es) {empty[:10]} have no readable training image left after --verify_images; replace the "
+            "unreadable files or remove the class."
+        )
+    return data
+
+
+def check_images_decode(dataset: datasets.Dataset, split: str, num_workers: int = 8) -> None:
+    """Decode every image of `split` once and fail, naming the files, if any cannot be read.
+
+    Run on the evaluation splits before training so a bad file cannot crash validation after an epoch has trained.
+    """
+    bad = find_unreadable_images(dataset, num_workers)
+    if bad:
+        names = ", ".join(_image_name(dataset, i) for i in bad[:5])
+        raise ValueError(
+            f"{len(bad)} image(s) of the {split} split cannot be decoded (corrupt, truncated or not an image): "
+            f"{names}{' ...' if len(bad) > 5 else ''}. Replace or remove them, or pass --verify_images true to skip "
+            "unreadable images (they are counted and logged). Checked before training so no epoch is lost to them."
+        )
 
 
 CIFAR100_HUB_ID = "uoft-cs/cifar100"  # the canonical "cifar100" data set, now hosted under this name
@@ -558,7 +733,11 @@ def _load_cifar100(data_dir: str | os.PathLike | None) -> datasets.DatasetDict:
 
 
 def load_cifar100_lt(
-    imbalance: float = 100, seed: int = 0, data_dir: str | os.PathLike | None = None, val_per_class: int = 0
+    imbalance: float = 100,
+    seed: int = 0,
+    data_dir: str | os.PathLike | None = None,
+    val_per_class: int = 0,
+    n_max: int = 500,
 ) -> LongTailDataset:
     """
     CIFAR-100-LT: class `i` keeps `int(500 * (1 / imbalance) ** (i / 99))` training images (10,847 for imbalance 100);
@@ -573,6 +752,8 @@ def load_cifar100_lt(
         data_dir (`str` or `os.PathLike`, *optional*): Local copy of CIFAR-100.
         val_per_class (`int`, defaults to 0): Optional balanced validation images per class, taken from the unused
             training images (the standard protocol has no validation set).
+        n_max (`int`, defaults to 500): Training images of the largest class (500, all of them, in the standard
+            protocol).
 
     Example:
 
@@ -589,7 +770,7 @@ def load_cifar100_lt(
     class_names = train.features["label"].names
     if len(class_names) != 100:
         raise ValueError(f"Expected the 100 fine CIFAR-100 classes, found {len(class_names)}.")
-    train_lt, val = make_long_tailed(train, n_max=500, imbalance=imbalance, seed=seed, val_per_class=val_per_class)
+    train_lt, val = make_long_tailed(train, n_max=n_max, imbalance=imbalance, seed=seed, val_per_class=val_per_class)
     return LongTailDataset(
         train=train_lt,
         val=val,

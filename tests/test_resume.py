@@ -1,0 +1,177 @@
+"""Resume is exact or refused: every value that determines a run's trajectory is recorded in its checkpoints, and a
+resume with another value is refused, naming the option, both values and the fix, before anything is written."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+
+from lpt_peft.training import (
+    STATE_FILE,
+    CheckpointManager,
+    TrainerState,
+    resume_mismatches,
+    run_training,
+)
+from lpt_peft.training_args import LPTTrainingArguments
+
+SMALL = dict(
+    dataset="synthetic", model_name_or_path="tiny-random", image_size=32, num_classes=6, n_max=40, imbalance=10,
+    val_per_class=4, batch_size=8, num_groups=4, shared_layers=2, num_workers=0, report_to="none",
+    epochs_phase1=1, epochs_phase2=1, max_steps_per_epoch=2,
+)  # fmt: skip
+
+
+def small_args(output_dir, **overrides):
+    return LPTTrainingArguments(**{**SMALL, "output_dir": str(output_dir), **overrides})
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One tiny two-phase run (about 6 s); its latest checkpoint is at the end of phase 2."""
+    out = tmp_path_factory.mktemp("resume") / "run"
+    run_training(small_args(out))
+    return out
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    # Accelerate keeps one process-wide state; a row that changes mixed precision needs a clean one, and leaves one.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+# (option, value on resume, what the refusal must say). The checkpoint was written with SMALL's values and the
+# defaults of LPTTrainingArguments.
+CHANGES = [
+    ("batch_size", 16, "--batch_size: the checkpoint has 8, this run 16 (pass --batch_size 8 as before)"),
+    ("seed", 7, "--seed: the checkpoint has 42, this run 7 (pass --seed 42 as before)"),
+    ("learning_rate", 0.1, "--learning_rate: the checkpoint has 0.02, this run 0.1 (pass --learning_rate 0.02"),
+    ("image_size", 16, "--image_size: the checkpoint has 32, this run 16 (pass --image_size 32 as before)"),
+    ("gradient_accumulation_steps", 2, "--gradient_accumulation_steps: the checkpoint has 1, this run 2"),
+    ("epochs_phase1", 2, "--epochs_phase1: the checkpoint has 1, this run 2 (pass --epochs_phase1 1 as before)"),
+    ("epochs_phase2", 3, "--epochs_phase2: the checkpoint has 1, this run 3"),
+    ("max_steps_per_epoch", 3, "--max_steps_per_epoch: the checkpoint has 2, this run 3"),
+    ("phase", "1", "--phase: the checkpoint has both, this run 1 (pass --phase both as before)"),
+    ("samples_per_class", 2, "--samples_per_class: the checkpoint has 4, this run 2"),
+    ("dual_sampling", False, "--dual_sampling: the checkpoint has true, this run false (pass --dual_sampling true"),
+    ("loss", "ce", "--loss: the checkpoint has agcl, this run ce"),
+    ("eta", 0.25, "--eta: the checkpoint has 0.5, this run 0.25"),
+    ("matching_weight", 1.0, "--matching_weight: the checkpoint has 0.5, this run 1.0"),
+    ("instance_balanced_gammas", "paper", "--instance_balanced_gammas: the checkpoint has authors, this run paper"),
+    ("warmup_epochs", 0.0, "--warmup_epochs: the checkpoint has 1.0, this run 0.0"),
+    ("weight_decay", 0.0, "--weight_decay: the checkpoint has 0.01, this run 0.0"),
+    ("momentum", 0.5, "--momentum: the checkpoint has 0.9, this run 0.5"),
+    ("lr_reference_batch", 64, "--lr_reference_batch: the checkpoint has 256, this run 64"),
+    ("max_grad_norm", 1.0, "--max_grad_norm: the checkpoint has None, this run 1.0 (leave --max_grad_norm unset"),
+    ("mixed_precision", "bf16", "--mixed_precision: the checkpoint has no, this run bf16 (pass --mixed_precision no"),
+    ("eval_every_epochs", 2, "--eval_every_epochs: the checkpoint has 1, this run 2"),
+    ("crop_scale_min", 0.5, "--crop_scale_min: the checkpoint has 0.08, this run 0.5"),
+    ("mean", [0.4, 0.5, 0.5], "--mean: the checkpoint has 0.5 0.5 0.5, this run 0.4 0.5 0.5"),
+    ("num_groups", 2, "--num_groups: the checkpoint has 4, this run 2"),
+    ("prompt_length", 4, "--prompt_length: the checkpoint has 10, this run 4"),
+    ("attn_implementation", "eager", "--attn_implementation: the checkpoint has sdpa, this run eager"),
+    ("n_max", 30, "training data: the checkpoint was trained on 100 images"),
+    ("data_seed", 1, "--data_seed: the checkpoint has 0, this run 1"),
+    ("val_per_class", 3, "validation data: the checkpoint was trained on 24 images"),
+]
+
+
+@pytest.mark.parametrize("option,value,message", CHANGES, ids=[c[0] for c in CHANGES])
+def test_resume_with_another_value_is_refused_and_writes_nothing(
+    finished_run, fresh_accelerate_state, option, value, message
+):
+    before = snapshot(finished_run)
+    args = small_args(finished_run, resume_from_checkpoint="latest", **{option: value})
+    with pytest.raises(ValueError) as error:
+        run_training(args)
+    text = str(error.value)
+    assert text.startswith("Cannot resume from ") and message in text, text
+    assert "or start a fresh --output_dir" in text and "Nothing was written." in text
+    assert snapshot(finished_run) == before  # names and bytes of every file of the run, checkpoints included
+
+
+def test_every_recorded_option_has_a_row():
+    from lpt_peft.training import TRAJECTORY_OPTIONS
+
+    untested = set(TRAJECTORY_OPTIONS) - {c[0] for c in CHANGES}
+    # The remaining options are recorded too; the table shows the message for each kind of value.
+    assert untested <= {"dataset", "num_classes", "imbalance", "verify_images", "resize_size", "std",
+                        "model_name_or_path", "layer_norm_eps", "group_prompt_length", "top_k", "shared_layers",
+                        "classifier_dropout"}  # fmt: skip
+
+
+def test_process_count_is_recorded_and_a_different_count_is_refused(finished_run):
+    state = TrainerState.load(_latest(finished_run) / STATE_FILE)
+    assert state.run["num_processes"] == 1 and state.run["global_batch"] == 8
+    assert state.run["train_data"].startswith("100 images, sha256 ")
+    recorded = {**state.run, "num_processes": 2, "global_batch": 16}
+    (line,) = resume_mismatches(recorded, state.run)
+    assert line.startswith("processes: the checkpoint was written by 2, this run has 1")
+    assert "launch with `accelerate launch --num_processes 2` as before, global batch 16" in line
+
+
+def test_unchanged_resume_is_accepted_and_older_checkpoints_are_refused(finished_run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run, copy)
+    rows = json.loads((copy / "results.json").read_text())
+    run_training(small_args(copy, resume_from_checkpoint="latest"))  # same options: continues (here: re-finishes)
+    assert json.loads((copy / "results.json").read_text()) == rows
+
+    state_file = _latest(copy) / STATE_FILE
+    legacy = json.loads(state_file.read_text())
+    del legacy["run"]
+    state_file.write_text(json.dumps(legacy))
+    before = snapshot(copy)
+    with pytest.raises(ValueError, match="records no run configuration"):
+        run_training(small_args(copy, resume_from_checkpoint="latest"))
+    assert snapshot(copy) == before
+
+
+def test_phase2_checkpoint_resumed_as_phase1_does_not_exit_silently(finished_run):
+    # The observed fault: `--phase 1` on a phase-2 checkpoint did nothing, wrote nothing and exited 0.
+    with pytest.raises(ValueError, match=r"--phase: the checkpoint has both, this run 1"):
+        run_training(small_args(finished_run, phase="1", resume_from_checkpoint="latest"))
+
+
+def _latest(out: Path) -> Path:
+    return out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+
+
+# ------------------------------------------------------------------------------------------- atomic checkpoints
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_latest_and_intact(tmp_path, monkeypatch):
+    accelerator = Accelerator(cpu=True)
+    manager = CheckpointManager(tmp_path, accelerator)
+
+    def write(path, **kwargs):  # stands in for accelerate's save_state, which creates the folder
+        Path(path).mkdir(parents=True, exist_ok=True)
+        Path(path, "model.safetensors").write_text("1")
+
+    monkeypatch.setattr(accelerator, "save_state", write)
+    first = manager.save(TrainerState(phase=1, epoch=1, global_step=3))
+    before = snapshot(tmp_path / "checkpoints")
+
+    def crash(path, **kwargs):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        Path(path, "model.safetensors").write_text("half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(accelerator, "save_state", crash)
+    with pytest.raises(OSError, match="No space left"):
+        manager.save(TrainerState(phase=1, epoch=2, global_step=6))
+    assert manager.resolve("latest") == first
+    partial = tmp_path / "checkpoints" / "phase1-epoch0002-step00000006.partial"
+    assert partial.is_dir() and not (tmp_path / "checkpoints" / "phase1-epoch0002-step00000006").exists()
+    assert {k: v for k, v in snapshot(tmp_path / "checkpoints").items() if ".partial" not in k} == before
+    # Even a half-written folder that already holds a state file (a crash between the two writes) is never picked.
+    TrainerState(phase=1, epoch=2, global_step=6).save(partial / STATE_FILE)
+    (tmp_path / "checkpoints" / "latest").unlink()
+    assert manager.resolve("latest") == first
