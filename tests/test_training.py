@@ -31,6 +31,10 @@ def launch(args, num_processes=1, env=None, check=True):
     command += ["--multi_gpu"] if num_processes > 1 else ["--cpu"]
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    if num_processes > 1:
+        # Several ranks on one machine: always CPU processes joined over gloo, so the test runs the same on CPU-only,
+        # one-GPU (where NCCL refuses two ranks on one device) and many-GPU machines. GPUs: scripts/gpu_smoke.sh.
+        full_env["CUDA_VISIBLE_DEVICES"] = ""
     result = subprocess.run(
         command + [str(ROOT / "examples" / "train_lpt.py"), *COMMON, *args],
         env=full_env, capture_output=True, text=True, timeout=600, cwd=ROOT,
@@ -84,6 +88,12 @@ def test_two_processes_train_both_phases(tmp_path):
     logits = model(pixel_values=torch.randn(2, 3, 32, 32)).logits
     assert logits.shape == (2, 6) and torch.isfinite(logits).all()
     assert set(json.loads((out / "results.json").read_text())) == {"LPT phase 1", "LPT phase 2"}
+    # Resuming the 2-process checkpoint with 1 process would change the epoch length, lr scale and batches: refused.
+    files = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    with pytest.raises(ValueError, match="processes: the checkpoint was written by 2, this run has 1"):
+        run_training(parse_training_args([*COMMON, "--output_dir", str(out), "--epochs_phase1", "1",
+                                          "--epochs_phase2", "1", "--resume_from_checkpoint", "latest"]))  # fmt: skip
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == files
 
 
 def test_killed_run_resumes_to_identical_parameters(tmp_path):
@@ -196,5 +206,5 @@ def test_bf16_mixed_precision_and_gradient_accumulation(tmp_path):
 def test_resuming_a_phase1_checkpoint_as_phase2_is_refused(tmp_path):
     run_training(small_args(tmp_path, phase="1", max_steps_per_epoch=2))
     adapter = str(tmp_path / "out" / "phase1")
-    with pytest.raises(ValueError, match="is a phase-1 checkpoint but this run trains phase"):
+    with pytest.raises(ValueError, match=r"--phase: the checkpoint has 1, this run 2 \(pass --phase 1 as before\)"):
         run_training(small_args(tmp_path, phase="2", init_from=adapter, resume_from_checkpoint="latest"))
