@@ -247,9 +247,10 @@ def decode_image(value: Any) -> PIL.Image.Image:
     except IMAGE_DECODE_ERRORS as err:
         where = f"image file {path!r}" if path else "an in-memory image (no file path recorded)"
         raise ValueError(
-            f"Could not decode {where}: {type(err).__name__}: {err}. The file is corrupt, truncated or not an image; "
-            "re-create the dataset with `verify_images=True` to skip unreadable images (they are counted and "
-            "logged), or replace the file."
+            f"Could not decode {where}: {type(err).__name__}: {err}. The file is corrupt, truncated or not an image: "
+            "replace or remove it, or skip unreadable images with `--verify_images true` (train_lpt.py) / "
+            "`verify_images=True` (the data loaders), which decodes every image once before training and counts and "
+            "logs those it skips."
         ) from err
     return image
 
