@@ -208,3 +208,17 @@ def test_resuming_a_phase1_checkpoint_as_phase2_is_refused(tmp_path):
     adapter = str(tmp_path / "out" / "phase1")
     with pytest.raises(ValueError, match=r"--phase: the checkpoint has 1, this run 2 \(pass --phase 1 as before\)"):
         run_training(small_args(tmp_path, phase="2", init_from=adapter, resume_from_checkpoint="latest"))
+
+
+def test_cpu_launch_with_two_processes_says_it_trains_in_one(tmp_path):
+    # `accelerate launch --cpu --num_processes 2` starts a single process: the run must say so, and log its world size.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines",
+               "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "examples" / "train_lpt.py"),
+               *COMMON, "--phase", "1", "--epochs_phase1", "1", "--max_steps_per_epoch", "1", "--val_per_class", "0",
+               "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Training with 1 process(es) (world size 1) on cpu" in result.stderr
+    assert "global batch 8 = 8 per process and branch x 1 process(es)" in result.stderr
+    assert "this run trains in ONE process" in result.stderr
