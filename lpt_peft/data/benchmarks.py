@@ -482,13 +482,7 @@ def load_imagefolder_lt(
         drop_metadata=True,
         cache_dir=os.fspath(cache_dir) if cache_dir else None,
     )
-    features = _image_features(class_names)
-    splits = {}
-    for split, dataset in loaded.items():
-        names = dataset.features["label"].names
-        remap = np.asarray([class_names.index(n) for n in names], dtype=np.int64)
-        labels = remap[labels_as_numpy(dataset)]
-        splits[split] = dataset.remove_columns("label").add_column("label", labels.tolist()).cast(features)
+    splits = {split: _relabel(dataset, class_names) for split, dataset in loaded.items()}
     data = LongTailDataset(
         train=splits["train"],
         val=splits.get("validation"),
@@ -498,6 +492,13 @@ def load_imagefolder_lt(
         train_class_counts=count_labels(labels_as_numpy(splits["train"]), len(class_names)),
     )
     return drop_unreadable_images(data, num_workers) if verify_images else data
+
+
+def _relabel(dataset: datasets.Dataset, class_names: Sequence[str]) -> datasets.Dataset:
+    """Labels as indices into `class_names` (the training folders), whatever names the builder saw in this split."""
+    remap = np.asarray([list(class_names).index(n) for n in dataset.features["label"].names], dtype=np.int64)
+    labels = remap[labels_as_numpy(dataset)].tolist()
+    return dataset.remove_columns("label").add_column("label", labels).cast(_image_features(class_names))
 
 
 IMAGEFOLDER_METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
