@@ -19,6 +19,10 @@ class LptPeftType(str, enum.Enum):
 
     LPT = "LPT"
 
+    # Print as "LPT" (not "LptPeftType.LPT") in messages, including peft's own f-strings.
+    __str__ = str.__str__
+    __format__ = str.__format__
+
 
 def _check_positive_int(name: str, value: Any, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
