@@ -297,7 +297,12 @@ def _save_atomically(original, peft_model, save_directory, args, kwargs) -> None
             os.makedirs(destination, exist_ok=True)
             for name in files:
                 os.replace(os.path.join(root, name), os.path.join(destination, name))
-    except (OSError, RuntimeError) as err:
+    except OSError as err:
+        raise _save_error(err, target, staging) from err
+    except RuntimeError as err:
+        # torch.save reports a failed write (a full disk among others) as a RuntimeError from its C++ stream.
+        if not any(word in str(err) for word in ("iostream", "StreamWriter", "write", "No space")):
+            raise
         raise _save_error(err, target, staging) from err
     finally:
         if staging is not None:

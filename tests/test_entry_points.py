@@ -242,6 +242,12 @@ def _no_scaling_in_last_layer(vit):
     return vit
 
 
+def _with_corrupt_config(c):
+    folder = c.broken_copy("badconfig", lambda weights: weights)
+    (folder / "adapter_config.json").write_text('{"peft_type": "LPT", "num_labels": ')
+    return folder
+
+
 # (id, base overrides, call(base, ctx), exception, message): each call fails on a fresh base, which must stay plain.
 FRESH_BASE_CASES = [
     (
@@ -306,6 +312,13 @@ FRESH_BASE_CASES = [
         lambda base, c: PeftModel.from_pretrained(base, c.broken_copy("corrupt", lambda w: b"\x00garbage" * 9)),
         OSError,
         r"Could not read the LPT adapter weights .*corrupt.adapter_model\.safetensors",
+    ),
+    (
+        "from_pretrained-corrupt-config",
+        {},
+        lambda base, c: PeftModel.from_pretrained(base, _with_corrupt_config(c)),
+        OSError,
+        r"Could not read the adapter config .*badconfig.adapter_config\.json",
     ),
     (
         "from_pretrained-no-config",
