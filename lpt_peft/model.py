@@ -13,7 +13,13 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .architectures import LPTArchitecture, base_fingerprint, fingerprint_differences, get_architecture
+from .architectures import (
+    LPTArchitecture,
+    _resolve,
+    base_fingerprint,
+    fingerprint_differences,
+    get_architecture,
+)
 from .config import LPTConfig
 from .layer import _SUPPORTED_ATTENTION, LPTAttention, LPTLayer, _trunc_normal, single_active_adapter
 
@@ -459,9 +465,10 @@ def check_injection(
 ) -> LPTArchitecture:
     """Check everything injecting the LPT adapter `config` into `model` needs, without changing anything.
 
-    Called by `LPTModel.inject_adapter` (so by `get_peft_model`, `add_adapter`, `load_adapter`,
-    `PeftModel.from_pretrained` and `inject_adapter_in_model`) before its first change, and by the loading wrappers of
-    `lpt_peft.registration` before any file is read into the model.
+    Called by `LPTModel.__init__` (before peft's `BaseTuner.__init__` touches anything) and `LPTModel.inject_adapter`
+    (so by `get_peft_model`, `add_adapter`, `load_adapter` and `PeftModel.from_pretrained`) before their first change,
+    and by the loading wrappers of `lpt_peft.registration` before any file is read into the model. (peft's
+    `inject_adapter_in_model` refuses LPT itself: its tuner holds the keys and head.)
 
     Args:
         model: The base model (plain, or already carrying adapters of the tuner that owns `peft_config`).
@@ -501,16 +508,14 @@ def check_injection(
         )
     if config.layer_norm_eps is not None:
         # The backbone is shared by all adapters, so its eps is one value for all of them.
-        others = {
-            c.layer_norm_eps for c in peft_config.values() if c is not config and c.layer_norm_eps is not None
-        }
+        others = {c.layer_norm_eps for c in peft_config.values() if c is not config and c.layer_norm_eps is not None}
         if others and others != {config.layer_norm_eps}:
             raise ValueError(
                 f"LPTConfig.layer_norm_eps={config.layer_norm_eps} conflicts with {sorted(others)} of another "
                 "adapter on this backbone: all adapters share the backbone's LayerNorms. Use the same value."
             )
     for layer in architecture.layers(model):
-        attention = getattr(layer, architecture.attention_attr, None)
+        attention = _resolve(layer, architecture.attention_attr, "attention (attention_attr)", type(layer).__name__)
         if not isinstance(attention, LPTAttention):  # a layer LPT wrapped earlier was validated then
             architecture.attention.validate(attention)
         architecture.pre_attention_norm(layer)
