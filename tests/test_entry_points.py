@@ -394,6 +394,19 @@ def test_each_differing_field_is_named_with_both_values(ctx, make_vit):
     assert "patch_size: adapter 4, base 8" in message
     assert "weights_sample" in message and "hidden_size: adapter" not in message
     assert "base_fingerprint=None" in message  # how to override deliberately
+    config = LPTConfig.from_pretrained(ctx.adapter)
+    config.base_fingerprint = None
+    with pytest.raises(ValueError, match=r"patch_size: adapter 4, base 8"):  # config= is checked like a saved one
+        PeftModel.from_pretrained(base, ctx.adapter, config=LPTConfig.from_pretrained(ctx.adapter))
+    PeftModel.from_pretrained(make_vit(seed=1, patch_size=8, num_attention_heads=2), ctx.adapter, config=config)
+
+
+def test_set_phase_without_an_active_adapter_names_the_fix(ctx):
+    ctx.model.base_model.set_adapter([])
+    before = snapshot(ctx.model)
+    with pytest.raises(ValueError, match=r"No LPT adapter is active.*adapter_name= one of \['b', 'default'\]"):
+        ctx.model.base_model.set_phase(2)
+    assert_same(before, snapshot(ctx.model))
 
 
 def test_adapter_config_without_the_new_fields_still_loads(ctx, make_vit):
