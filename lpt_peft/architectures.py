@@ -451,13 +451,108 @@ def get_architecture(model: nn.Module) -> LPTArchitecture:
     )
 
 
+# What an adapter records about its backbone (LPTConfig.base_fingerprint); hidden size and depth are LPTConfig fields.
+FINGERPRINT_FIELDS = ("model_type", "num_attention_heads", "patch_size", "image_size", "weights_sample")
+_SAMPLES_PER_TENSOR = 8
+# bf16 keeps 8 significant bits (relative error <= 2**-9), so the same weights loaded in fp32, fp16 or bf16 agree
+# within this tolerance, while two different checkpoints (or a random init) differ far more at these positions.
+_SAMPLE_RTOL, _SAMPLE_ATOL = 1e-2, 1e-5
+
+
+def _plain(value):
+    """JSON-stable form of a config value (tuples become lists, as they come back from adapter_config.json)."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _weights_sample(model: nn.Module, architecture: LPTArchitecture) -> list[float] | None:
+    layers = architecture.layers(model)
+    tensors = []
+    for layer in (layers[0], layers[-1]):
+        attention = getattr(layer, architecture.attention_attr)
+        attention = getattr(attention, "base_layer", attention)  # already wrapped by LPTAttention
+        tensors.append(architecture.attention.projection(attention, "key").weight)
+    tensors.append(getattr(architecture.final_norm(model), "weight", None))
+    values = []
+    for tensor in tensors:
+        if not isinstance(tensor, torch.Tensor) or tensor.is_meta or tensor.numel() == 0:
+            return None
+        flat = tensor.detach().reshape(-1)
+        index = torch.linspace(0, flat.numel() - 1, _SAMPLES_PER_TENSOR).round().long().to(flat.device)
+        values += [float(f"{v:.6g}") for v in flat[index].float().cpu().tolist()]
+    return values
+
+
+def base_fingerprint(model: nn.Module) -> dict:
+    """What an LPT adapter depends on in its backbone, beyond the hidden size and depth.
+
+    Recorded in `LPTConfig.base_fingerprint` when the adapter is created and compared by [`fingerprint_differences`]
+    whenever it is loaded. Fields (a field that is None on either side is not compared):
+
+    - `model_type`, `num_attention_heads`, `patch_size`, `image_size`: from the encoder's transformers config.
+    - `weights_sample`: 24 float values, 8 at evenly spaced fixed positions of each of the first layer's key
+      projection weight, the last layer's key projection weight, and the final norm's weight. A sample rather than a
+      hash, compared with a relative tolerance of 1e-2: a hash of the bytes would reject the same checkpoint loaded in
+      bfloat16 or float16, and reading the full weights would cost as much as loading them again.
+
+    Args:
+        model: The base model (a supported class, plain or already wrapped by LPT).
+
+    Returns:
+        `dict` with the keys of `FINGERPRINT_FIELDS`.
+    """
+    architecture = get_architecture(model)
+    config = architecture.encoder(model).config
+    return {
+        "model_type": getattr(config, "model_type", None) or None,
+        "num_attention_heads": _plain(getattr(config, "num_attention_heads", None)),
+        "patch_size": _plain(getattr(config, "patch_size", None)),
+        "image_size": _plain(getattr(config, "image_size", None)),
+        "weights_sample": _weights_sample(model, architecture),
+    }
+
+
+def _short(values, limit: int = 4) -> str:
+    if isinstance(values, list) and len(values) > limit and all(isinstance(v, float) for v in values):
+        return "[" + ", ".join(f"{v:.4g}" for v in values[:limit]) + f", ...] ({len(values)} values)"
+    return repr(values)
+
+
+def fingerprint_differences(recorded: dict | None, current: dict) -> list[str]:
+    """`"field: adapter X, base Y"` for each field of an adapter's fingerprint `recorded` contradicted by `current`."""
+    differences = []
+    for name in FINGERPRINT_FIELDS:
+        old, new = (recorded or {}).get(name), current.get(name)
+        if old is None or new is None:
+            continue
+        if name == "weights_sample":
+            same = len(old) == len(new) and torch.allclose(
+                torch.tensor(old, dtype=torch.float64),
+                torch.tensor(new, dtype=torch.float64),
+                rtol=_SAMPLE_RTOL,
+                atol=_SAMPLE_ATOL,
+            )
+            if not same:
+                differences.append(
+                    f"weights_sample (key projections of the first and last layer, final norm): adapter "
+                    f"{_short(old)}, base {_short(new)} -- the backbone's weights are not the ones it was trained on"
+                )
+        elif _plain(old) != _plain(new):
+            differences.append(f"{name}: adapter {old!r}, base {new!r}")
+    return differences
+
+
 __all__ = [
     "ARCHITECTURES",
     "AttentionSpec",
+    "FINGERPRINT_FIELDS",
     "LPTArchitecture",
+    "base_fingerprint",
     "bidirectional_mask",
     "deit_architectures",
     "default_embed",
+    "fingerprint_differences",
     "get_architecture",
     "register_architecture",
     "supported_model_classes",

@@ -19,6 +19,10 @@ class LptPeftType(str, enum.Enum):
 
     LPT = "LPT"
 
+    # Print as "LPT" (not "LptPeftType.LPT") in messages, including peft's own f-strings.
+    __str__ = str.__str__
+    __format__ = str.__format__
+
 
 def _check_positive_int(name: str, value: Any, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -105,6 +109,15 @@ class LPTConfig(PeftConfig):
         default=None,
         metadata={"help": "Depth of the backbone the adapter was built for. Filled in at injection; checked on load."},
     )
+    base_fingerprint: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "What the adapter depends on in its backbone besides hidden_size and num_hidden_layers: "
+            "model_type, num_attention_heads, patch_size, image_size and a sample of its weights (see "
+            "`lpt_peft.architectures.base_fingerprint`). Filled in at injection; loading onto a base that differs in "
+            "any recorded field is refused. None (adapters saved before it existed) skips the check."
+        },
+    )
     target_modules: str | None = field(
         default=None,
         metadata={
@@ -150,6 +163,10 @@ class LPTConfig(PeftConfig):
             raise ValueError(
                 f"LPTConfig.shared_layers={self.shared_layers} must be < num_hidden_layers={self.num_hidden_layers} "
                 f"(valid range 0..{self.num_hidden_layers - 1}), so that at least one layer receives group prompts."
+            )
+        if self.base_fingerprint is not None and not isinstance(self.base_fingerprint, dict):
+            raise ValueError(
+                f"LPTConfig.base_fingerprint is filled in by LPT (a dict) or None, got {self.base_fingerprint!r}."
             )
         self._check_labels()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +13,13 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .architectures import LPTArchitecture, get_architecture
+from .architectures import (
+    LPTArchitecture,
+    _resolve,
+    base_fingerprint,
+    fingerprint_differences,
+    get_architecture,
+)
 from .config import LPTConfig
 from .layer import _SUPPORTED_ATTENTION, LPTAttention, LPTLayer, _trunc_normal, single_active_adapter
 
@@ -91,6 +98,13 @@ class LPTModel(BaseTuner):
     _lpt_enabled: bool = True
     _lpt_inference_mode: bool = False
 
+    def __init__(self, model: nn.Module, peft_config, adapter_name: str, **kwargs: Any) -> None:
+        # BaseTuner.__init__ adds the new config to a `peft_config` it finds on the model (the dict of a tuner already
+        # attached there) before any hook runs, so a base that already carries adapters is refused before that.
+        config = peft_config.get(adapter_name) if isinstance(peft_config, dict) else peft_config
+        check_injection(model, config, adapter_name, {})
+        super().__init__(model, peft_config, adapter_name, **kwargs)
+
     # ------------------------------------------------------------------ injection
     def inject_adapter(
         self,
@@ -101,10 +115,10 @@ class LPTModel(BaseTuner):
         state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
         config = self.peft_config[adapter_name]
-        if not isinstance(config, LPTConfig):
-            raise TypeError(f"LPTModel needs an LPTConfig, got {type(config).__name__}.")
-        architecture = get_architecture(model)
-        self._check_and_complete_config(config, model, architecture)
+        # Everything is checked before the first change: a failing call leaves the base, the other adapters and this
+        # tuner as they were (peft's own checks after this point cannot fail for a module LPT validated).
+        architecture = check_injection(model, config, adapter_name, self.peft_config)
+        self._complete_config(config, model, architecture)
         self._add_tuner_weights(adapter_name, config, architecture.encoder(model))
         try:
             super().inject_adapter(
@@ -117,55 +131,39 @@ class LPTModel(BaseTuner):
         except Exception:
             self._remove_tuner_weights(adapter_name)
             raise
+        self._apply_layer_norm_eps(config, architecture.encoder(model))
         self._install_forward(model)
         self._update_requires_grad()
 
-    def _check_and_complete_config(self, config: LPTConfig, model: nn.Module, architecture: LPTArchitecture) -> None:
+    @staticmethod
+    def _complete_config(config: LPTConfig, model: nn.Module, architecture: LPTArchitecture) -> None:
+        """Record what the adapter depends on (backbone shape and fingerprint, class names, where the base lives)."""
         encoder = architecture.encoder(model)
-        num_layers = len(architecture.layers(model))
-        hidden_size = int(encoder.config.hidden_size)
-        built_for = (config.hidden_size, config.num_hidden_layers)
-        if built_for != (None, None) and built_for != (hidden_size, num_layers):
-            raise ValueError(
-                f"This LPT adapter was built for a backbone with hidden_size={config.hidden_size} and "
-                f"{config.num_hidden_layers} layers, but the base model ({type(model).__name__}) has "
-                f"hidden_size={hidden_size} and {num_layers} layers. Load it onto the backbone it was trained on"
-                + (f" ({config.base_model_name_or_path})." if config.base_model_name_or_path else ".")
-            )
-        if config.shared_layers >= num_layers:
-            raise ValueError(
-                f"LPTConfig.shared_layers={config.shared_layers} must be < the number of layers of the backbone "
-                f"({num_layers}); valid range 0..{num_layers - 1}. The paper uses 6 of 12 for ViT-B/16."
-            )
-        attn_impl = getattr(encoder.config, "_attn_implementation", None) or "eager"
-        if attn_impl not in _SUPPORTED_ATTENTION and not attn_impl.startswith("flash"):
-            raise NotImplementedError(
-                f"LPT does not support attn_implementation={attn_impl!r} (a flex_attention BlockMask does not cover "
-                "the prompt keys). Load the backbone with attn_implementation='sdpa' or 'eager'."
-            )
-        config.hidden_size = hidden_size
-        config.num_hidden_layers = num_layers
-        if config.layer_norm_eps is not None:
-            # The backbone is shared by all adapters, so its eps is one value for all of them.
-            others = {
-                c.layer_norm_eps for c in self.peft_config.values() if c is not config and c.layer_norm_eps is not None
-            }
-            if others and others != {config.layer_norm_eps}:
-                raise ValueError(
-                    f"LPTConfig.layer_norm_eps={config.layer_norm_eps} conflicts with {sorted(others)} of another "
-                    "adapter on this backbone: all adapters share the backbone's LayerNorms. Use the same value."
-                )
-            if not hasattr(self, "_original_layer_norm_eps"):
-                self._original_layer_norm_eps = (
-                    [(m, m.eps) for m in encoder.modules() if isinstance(m, nn.LayerNorm)],
-                    getattr(encoder.config, "layer_norm_eps", None),
-                )
-            for module in encoder.modules():
-                if isinstance(module, nn.LayerNorm):
-                    module.eps = float(config.layer_norm_eps)
-            encoder.config.layer_norm_eps = float(config.layer_norm_eps)
+        config.hidden_size = int(encoder.config.hidden_size)
+        config.num_hidden_layers = len(architecture.layers(model))
+        if config.base_fingerprint is None:
+            config.base_fingerprint = base_fingerprint(model)
+        if config.id2label is None:
+            names = _class_names_of(model, config.num_labels)
+            if names is not None:
+                config.id2label, config.label2id = names, None
+                config._check_labels()
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(model.config, "_name_or_path", None) or None
+        config.base_model_name_or_path = _portable_base_reference(config.base_model_name_or_path)
+
+    def _apply_layer_norm_eps(self, config: LPTConfig, encoder: nn.Module) -> None:
+        if config.layer_norm_eps is None:
+            return
+        if not hasattr(self, "_original_layer_norm_eps"):
+            self._original_layer_norm_eps = (
+                [(m, m.eps) for m in encoder.modules() if isinstance(m, nn.LayerNorm)],
+                getattr(encoder.config, "layer_norm_eps", None),
+            )
+        for module in encoder.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.eps = float(config.layer_norm_eps)
+        encoder.config.layer_norm_eps = float(config.layer_norm_eps)
 
     def _add_tuner_weights(self, adapter_name: str, config: LPTConfig, encoder: nn.Module) -> None:
         if "lpt_keys" not in self._modules:
@@ -226,13 +224,7 @@ class LPTModel(BaseTuner):
 
         A bound method (not a closure) so that `copy.deepcopy` and pickling rebind it to the copied tuner.
         """
-        current = model.__dict__.get("forward")
-        if current is not None and current != self._forward:
-            raise ValueError(
-                f"The {type(model).__name__} given to LPT already has its forward replaced on the instance (e.g. by "
-                "accelerate hooks from `device_map` across several devices). LPT needs to run its own forward: load "
-                "the backbone on one device (no `device_map` sharding) and attach LPT before any other wrapper."
-            )
+        _check_forward(model, self.peft_config)
         model.forward = self._forward
 
     @staticmethod
@@ -255,9 +247,15 @@ class LPTModel(BaseTuner):
             phase: 1 or 2.
             adapter_name: Adapter to switch; defaults to the active one.
         """
-        if phase not in (1, 2):
+        if isinstance(phase, bool) or phase not in (1, 2):
             raise ValueError(f"phase must be 1 or 2, got {phase!r}.")
-        adapter_name = adapter_name or self._active_lpt_adapter()
+        if adapter_name is None:
+            adapter_name = self._active_lpt_adapter()
+            if adapter_name is None:
+                raise ValueError(
+                    f"No LPT adapter is active, so set_phase does not know which to switch; pass adapter_name= one of "
+                    f"{sorted(self.peft_config)} (or activate one with `model.set_adapter(name)`)."
+                )
         if adapter_name not in self.peft_config:
             raise ValueError(f"No LPT adapter named {adapter_name!r}; available: {sorted(self.peft_config)}.")
         self.peft_config[adapter_name].phase = phase
@@ -290,6 +288,15 @@ class LPTModel(BaseTuner):
         self._update_requires_grad()
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate `adapter_name` (a name or, as peft passes it, a list of names).
+
+        Several names are accepted here as peft's tuner contract requires, and refused by the forward (LPT runs one
+        adapter at a time); `PeftModel.set_adapter` refuses them at once.
+
+        Raises:
+            ValueError: for an unknown name, before anything changes.
+        """
+        check_adapter_names(adapter_name, self.peft_config, allow_several=True)
         super().set_adapter(adapter_name, inference_mode=inference_mode)
         self._update_requires_grad(inference_mode=inference_mode)
 
@@ -450,3 +457,205 @@ def check_labels(labels: torch.Tensor, num_labels: int) -> None:
             f"Label {bad} is out of range for num_labels={num_labels} (valid: 0..{num_labels - 1}). Check that the "
             "data set's label count matches LPTConfig.num_labels."
         )
+
+
+# ---------------------------------------------------------------------- checks before any change
+def check_injection(
+    model: nn.Module, config: LPTConfig, adapter_name: str, peft_config: dict | None
+) -> LPTArchitecture:
+    """Check everything injecting the LPT adapter `config` into `model` needs, without changing anything.
+
+    Called by `LPTModel.__init__` (before peft's `BaseTuner.__init__` touches anything) and `LPTModel.inject_adapter`
+    (so by `get_peft_model`, `add_adapter`, `load_adapter` and `PeftModel.from_pretrained`) before their first change,
+    and by the loading wrappers of `lpt_peft.registration` before any file is read into the model. (peft's
+    `inject_adapter_in_model` refuses LPT itself: its tuner holds the keys and head.)
+
+    Args:
+        model: The base model (plain, or already carrying adapters of the tuner that owns `peft_config`).
+        config: The new adapter's config.
+        adapter_name: Its name.
+        peft_config: The adapters of the tuner the new one joins (it may already contain `config`); `{}` or None for
+            a new PeftModel.
+
+    Returns:
+        The [`LPTArchitecture`] of `model`.
+
+    Raises:
+        TypeError: `config` is not an LPTConfig, or `model` is not a supported class.
+        ValueError / NotImplementedError: with the cause and the fix, for each check below.
+    """
+    if not isinstance(config, LPTConfig):
+        raise TypeError(f"LPTModel needs an LPTConfig, got {type(config).__name__}.")
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise ValueError(f"An adapter name must be a non-empty string, got {adapter_name!r}.")
+    peft_config = peft_config if peft_config is not None else {}
+    _check_not_a_peft_wrapper(model)
+    architecture = get_architecture(model)
+    _check_not_wrapped_elsewhere(model, peft_config)
+    _check_backbone_matches(model, config, architecture)
+    num_layers = len(architecture.layers(model))
+    if config.shared_layers >= num_layers:
+        raise ValueError(
+            f"LPTConfig.shared_layers={config.shared_layers} must be < the number of layers of the backbone "
+            f"({num_layers}); valid range 0..{num_layers - 1}. The paper uses 6 of 12 for ViT-B/16."
+        )
+    encoder = architecture.encoder(model)
+    attn_impl = getattr(encoder.config, "_attn_implementation", None) or "eager"
+    if attn_impl not in _SUPPORTED_ATTENTION and not attn_impl.startswith("flash"):
+        raise NotImplementedError(
+            f"LPT does not support attn_implementation={attn_impl!r} (a flex_attention BlockMask does not cover "
+            "the prompt keys). Load the backbone with attn_implementation='sdpa' or 'eager'."
+        )
+    if config.layer_norm_eps is not None:
+        # The backbone is shared by all adapters, so its eps is one value for all of them.
+        others = {c.layer_norm_eps for c in peft_config.values() if c is not config and c.layer_norm_eps is not None}
+        if others and others != {config.layer_norm_eps}:
+            raise ValueError(
+                f"LPTConfig.layer_norm_eps={config.layer_norm_eps} conflicts with {sorted(others)} of another "
+                "adapter on this backbone: all adapters share the backbone's LayerNorms. Use the same value."
+            )
+    for layer in architecture.layers(model):
+        attention = _resolve(layer, architecture.attention_attr, "attention (attention_attr)", type(layer).__name__)
+        if not isinstance(attention, LPTAttention):  # a layer LPT wrapped earlier was validated then
+            architecture.attention.validate(attention)
+        architecture.pre_attention_norm(layer)
+    _check_forward(model, peft_config)
+    return architecture
+
+
+def _check_not_a_peft_wrapper(model: nn.Module) -> None:
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTuner as _BaseTuner
+
+    if isinstance(model, (PeftModel, _BaseTuner)):
+        raise ValueError(
+            f"LPT was given a {type(model).__name__}, which already wraps a base model. To add an adapter to it, "
+            "call its `add_adapter(name, config)` or `load_adapter(path, adapter_name=name)`; to start over, pass "
+            "`peft_model.unload()` or a fresh base model."
+        )
+
+
+def _check_not_wrapped_elsewhere(model: nn.Module, peft_config: dict) -> None:
+    """Refuse a base that carries adapters of another tuner: injecting again would re-initialise them."""
+    attached = model.__dict__.get("peft_config")
+    lpt_names = sorted({n for m in model.modules() if isinstance(m, LPTAttention) for n in m.lpt_shared_prompt})
+    foreign = attached is not None and attached is not peft_config
+    if not foreign and all(name in peft_config for name in lpt_names):
+        return
+    names = sorted(attached) if isinstance(attached, dict) and attached else lpt_names
+    configs = attached.values() if isinstance(attached, dict) else []
+    types = sorted({str(getattr(c, "peft_type", "?")) for c in configs})
+    kind = "LPT" if lpt_names or types == ["LPT"] else "/".join(types) or "PEFT"
+    raise ValueError(
+        f"This {type(model).__name__} already has {kind} adapter(s) {names} from an earlier `get_peft_model` / "
+        "`PeftModel.from_pretrained`; attaching LPT again would re-initialise them, so nothing was changed. Use the "
+        "existing PeftModel: `peft_model.load_adapter(path, adapter_name=...)` or `peft_model.add_adapter(name, "
+        "config)`; or get the plain backbone back with `peft_model.unload()`; or start from a fresh base model."
+    )
+
+
+def _check_backbone_matches(model: nn.Module, config: LPTConfig, architecture: LPTArchitecture) -> None:
+    """Refuse a base that differs from the one the adapter was built for, naming each field and both values."""
+    hidden_size = int(architecture.encoder(model).config.hidden_size)
+    num_layers = len(architecture.layers(model))
+    differences = [
+        f"{name}: adapter {built}, base {actual}"
+        for name, built, actual in (
+            ("hidden_size", config.hidden_size, hidden_size),
+            ("num_hidden_layers", config.num_hidden_layers, num_layers),
+        )
+        if built is not None and built != actual
+    ]
+    if config.base_fingerprint is not None:
+        differences += fingerprint_differences(config.base_fingerprint, base_fingerprint(model))
+    if not differences:
+        return
+    where = f" ({config.base_model_name_or_path})" if config.base_model_name_or_path else ""
+    raise ValueError(
+        f"This LPT adapter was built for a backbone with hidden_size={config.hidden_size} and "
+        f"{config.num_hidden_layers} layers, but the base model ({type(model).__name__}) has hidden_size="
+        f"{hidden_size} and {num_layers} layers, and differs in: {'; '.join(differences)}. Load it onto the backbone "
+        f"it was trained on{where}. (To use it on a backbone you know to be equivalent, load its LPTConfig, set "
+        "`base_fingerprint=None` and pass it as `config=`.)"
+    )
+
+
+def _check_forward(model: nn.Module, peft_config: dict) -> None:
+    current = model.__dict__.get("forward")
+    owner = getattr(current, "__self__", None)
+    if current is None or (isinstance(owner, LPTModel) and owner.peft_config is peft_config):
+        return
+    if isinstance(owner, LPTModel):
+        _check_not_wrapped_elsewhere(model, {})
+    raise ValueError(
+        f"The {type(model).__name__} given to LPT already has its forward replaced on the instance (e.g. by "
+        "accelerate hooks from `device_map` across several devices). LPT needs to run its own forward: load "
+        "the backbone on one device (no `device_map` sharding) and attach LPT before any other wrapper."
+    )
+
+
+def check_adapter_names(adapter_name, peft_config: dict, allow_several: bool = False) -> None:
+    """Raise a ValueError unless `adapter_name` names known adapters: one, or with `allow_several` a list of them."""
+    names = [adapter_name] if isinstance(adapter_name, str) else adapter_name
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"An adapter name must be a string, got {adapter_name!r}.")
+    unknown = [n for n in names if n not in peft_config]
+    if unknown:
+        raise ValueError(
+            f"No LPT adapter named {unknown if len(unknown) > 1 else unknown[0]!r}; available: {sorted(peft_config)}. "
+            "Load or add it first (`load_adapter` / `add_adapter`)."
+        )
+    if len(names) > 1 and not allow_several:
+        raise ValueError(
+            f"LPT runs one adapter at a time, but {list(names)} were passed. Call `set_adapter(name)` with a single "
+            "adapter name."
+        )
+
+
+def _class_names_of(model: nn.Module, num_labels: int) -> dict[int, str] | None:
+    """The base model's own class names, if it has real ones (not transformers' `LABEL_i`) for `num_labels` classes."""
+    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
+    try:
+        names = {int(k): str(v) for k, v in id2label.items()}
+    except (TypeError, ValueError):
+        return None
+    if sorted(names) != list(range(num_labels)) or all(v == f"LABEL_{k}" for k, v in names.items()):
+        return None
+    return names
+
+
+def _portable_base_reference(name_or_path: str | None) -> str | None:
+    """A Hub id as is; a relative path that exists here made absolute, so it means the same from any directory."""
+    if not name_or_path:
+        return name_or_path
+    path = os.path.expanduser(os.fspath(name_or_path))
+    if not os.path.isabs(path) and os.path.exists(path):
+        return os.path.abspath(path)
+    return os.fspath(name_or_path)
+
+
+def expected_adapter_shapes(model: nn.Module, config: LPTConfig) -> dict[str, tuple[int, ...]]:
+    """Keys and shapes of the tensors a saved LPT adapter for `model` holds, as peft writes them (no adapter name).
+
+    Computed from `config` and the module names of `model` alone, so it can check a file before anything is loaded.
+
+    Returns:
+        `{"base_model.model.<attention>.lpt_shared_prompt": (prompt_length, hidden), ...}`: per layer the shared
+        prompts, per layer from `shared_layers` on the group pool `(num_groups, group_prompt_length, hidden)`, and
+        `base_model.lpt_keys` `(num_groups, hidden)` and `base_model.lpt_head` `(hidden, num_labels)`.
+    """
+    architecture = get_architecture(model)
+    hidden = config.hidden_size or int(architecture.encoder(model).config.hidden_size)
+    pattern = architecture.attention_pattern()
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, _ in model.named_modules():
+        match = re.fullmatch(pattern, name)
+        if match is None:
+            continue
+        shapes[f"base_model.model.{name}.lpt_shared_prompt"] = (config.prompt_length, hidden)
+        if int(match.group(1)) >= config.shared_layers:
+            shape = (config.num_groups, config.group_prompt_length, hidden)
+            shapes[f"base_model.model.{name}.lpt_group_prompt"] = shape
+    shapes["base_model.lpt_keys"] = (config.num_groups, hidden)
+    shapes["base_model.lpt_head"] = (hidden, config.num_labels)
+    return shapes
