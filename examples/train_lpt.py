@@ -13,14 +13,16 @@ Every option can be set in the YAML file or on the command line (`--help` lists 
 import sys
 from pathlib import Path
 
+from lpt_peft.cli import cli_entry
 from lpt_peft.training import run_training
 from lpt_peft.training_args import parse_training_args
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_fashion_mnist.yaml"
 
 
-def main() -> None:
-    argv = sys.argv[1:] or ["--config", str(DEMO_CONFIG)]
+@cli_entry()
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv) or ["--config", str(DEMO_CONFIG)]
     run_training(parse_training_args(argv))
 
 
