@@ -73,7 +73,7 @@ def collect_images(paths: list[str], recursive: bool) -> list[str]:
     return files
 
 
-@cli_entry(flags={"base_model": "--base", "image_size": "--image_size"})
+@cli_entry(flags={"base_model": "--base", "image_size": "--image_size", "on_error": "--skip_bad"})
 def main(argv=None) -> list[dict]:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     files = collect_images(args.images, args.recursive)

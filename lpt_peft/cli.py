@@ -35,6 +35,7 @@ class LPTUsageError(ValueError):
         template: The message, with `{argument}` where an argument name goes, e.g.
             `"The adapter records no base model; pass {base_model} (a folder or Hub id)."`.
         *arguments: The argument names used in `template` (each becomes `name=` unless a script maps it).
+        **python_spelling: Arguments written otherwise in Python, e.g. `trust_pickle="trust_pickle=True"`.
 
     Example:
 
@@ -47,15 +48,20 @@ class LPTUsageError(ValueError):
     ```
     """
 
-    def __init__(self, template: str, *arguments: str) -> None:
+    def __init__(self, template: str, *arguments: str, **python_spelling: str) -> None:
         self.template = template
-        self.arguments = arguments
+        self.python = {**{name: f"{name}=" for name in arguments}, **python_spelling}
         super().__init__(self.render())
 
     def render(self, flags: Mapping[str, str] | None = None) -> str:
-        """The message with each argument written as its flag in `flags`, else as `name=`."""
+        """The message with each argument written as its flag in `flags`, else as in Python (`name=`)."""
+        if not self.python:
+            return self.template
         flags = flags or {}
-        return self.template.format(**{name: flags.get(name, f"{name}=") for name in self.arguments})
+        try:
+            return self.template.format(**{name: flags.get(name, python) for name, python in self.python.items()})
+        except (KeyError, IndexError, ValueError):  # braces in a path or value quoted in the message
+            return self.template
 
 
 # What the library raises for bad input (files, options, data): printed as a message. Anything else is a bug and

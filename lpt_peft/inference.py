@@ -261,7 +261,23 @@ class LPTImageClassifier:
                 f"Cannot classify a {type(image).__name__}: pass PIL images, file paths, URLs or uint8 arrays. For "
                 "already preprocessed tensors call the model directly: model(pixel_values=...).logits."
             )
-        return self.transform(decode_image(image))
+        try:
+            return self.transform(decode_image(image))
+        except ValueError as err:
+            cause = err.__cause__
+            if cause is None:
+                raise
+            # decode_image's advice is for data sets (verify_images); here the fix is to skip or replace the file.
+            from .cli import LPTUsageError
+
+            where = f"image file {_describe(image)}" if isinstance(image, (str, os.PathLike)) else "an image"
+            reason = f"{type(cause).__name__}: {cause}".replace("{", "{{").replace("}", "}}")
+            where = where.replace("{", "{{").replace("}", "}}")
+            raise LPTUsageError(
+                f"Could not decode {where}: {reason}. The file is corrupt, truncated or not an image; replace it, or "
+                "pass {on_error} to skip unreadable images with a warning.",
+                on_error="on_error='skip'",
+            ) from cause
 
     def _iter_batches(self, items: list, on_error: str, batch_size: int):
         batch: list[tuple[int, torch.Tensor]] = []
