@@ -20,6 +20,9 @@ from lpt_peft.metrics import format_results_table
 from lpt_peft.training import evaluate_adapter
 from lpt_peft.training_args import DATASETS, LPTTrainingArguments, parse_training_args
 
+# Options that change which images form the splits and the shot groups (beyond the data set's name).
+DATA_OPTIONS = ("n_max", "imbalance", "data_seed", "val_per_class", "max_test_per_class")
+
 
 @cli_entry(flags={"base_model": "--model_name_or_path", "image_size": "--image_size"})
 def main(argv=None) -> dict:
@@ -53,6 +56,12 @@ def recorded_flags(adapter: str, argv: list[str]) -> list[str]:
     if record:
         shown = ", ".join(f"{k}={v}" for k, v in record.items())
         print(f"From the adapter's record ({adapter}): {shown}. Flags override these.", file=sys.stderr)
+    if not any(key in record or key in given for key in DATA_OPTIONS) and "config" not in given:
+        print(
+            f"The adapter records no data-set options ({', '.join(DATA_OPTIONS)}): their defaults are used; pass the "
+            "training run's values (or its --config) to rebuild the same split and shot groups.",
+            file=sys.stderr,
+        )
     return flags
 
 

@@ -64,9 +64,9 @@ class LPTUsageError(ValueError):
             return self.template
 
 
-# What the library raises for bad input (files, options, data): printed as a message. Anything else is a bug and
-# keeps its traceback.
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+# What the library (and transformers / huggingface_hub, for paths and Hub ids) raises for bad input, files and I/O:
+# printed as a message that names the path and the cause. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, TypeError, OSError)
 
 
 def format_error(err: BaseException, flags: Mapping[str, str] | None = None) -> str:

@@ -638,9 +638,10 @@ def load_classifier(
 def adapter_record(adapter: str | os.PathLike) -> dict[str, Any]:
     """What a local adapter folder records about how it was trained, as training options.
 
-    Read from the folder only (no network): `model_name_or_path` from `adapter_config.json`'s base, `image_size`,
-    `resize_size`, `mean`, `std` from `preprocessor_config.json`, `dataset` and the data-set options (`lpt_data`) from
-    the model card's metadata. Absent facts are left out. `examples/evaluate_lpt.py` uses them as its defaults.
+    Read from the folder only (no network): `model_name_or_path` (the base) and `num_classes` (`num_labels`) from
+    `adapter_config.json`; `image_size`, `resize_size`, `mean`, `std` from `preprocessor_config.json`; `dataset` and
+    the data-set options (`lpt_data`) from the model card's metadata. Absent facts are left out.
+    `examples/evaluate_lpt.py` uses them as its defaults.
 
     Example:
 
@@ -656,9 +657,11 @@ def adapter_record(adapter: str | os.PathLike) -> dict[str, Any]:
     record: dict[str, Any] = {}
     config_file = folder / "adapter_config.json"
     if config_file.is_file():
-        base = json.loads(config_file.read_text()).get("base_model_name_or_path")
-        if base:
-            record["model_name_or_path"] = base
+        config = json.loads(config_file.read_text())
+        if config.get("base_model_name_or_path"):
+            record["model_name_or_path"] = config["base_model_name_or_path"]
+        if config.get("num_labels"):
+            record["num_classes"] = int(config["num_labels"])  # the class count of a synthetic data set
     transform = load_preprocessing(folder) if folder.is_dir() else None
     if transform is not None:
         record.update(image_size=transform.image_size, resize_size=transform.resize_size)
