@@ -531,6 +531,25 @@ def _check_module_base(base: nn.Module, adapter: str) -> None:
         )
 
 
+def _resolve_base(base_model, config, adapter: str, image_size, attn_implementation: str, dtype) -> nn.Module:
+    """The base to load the adapter into: checked if passed, else loaded from the given or recorded reference."""
+    from .cli import LPTUsageError
+
+    if isinstance(base_model, nn.Module):
+        _check_module_base(base_model, adapter)
+        return base_model
+    recorded = base_model is None
+    base_model = config.base_model_name_or_path if recorded else os.fspath(base_model)
+    if not base_model:
+        raise LPTUsageError(
+            f"The adapter {adapter!r} records no base model; pass {{base_model}} (a folder, a Hub id, or the "
+            "built-in 'demo' / 'tiny-random' backbone it was trained on).",
+            "base_model",
+        )
+    check_base_reference(base_model, adapter if recorded else None)
+    return _load_base(base_model, image_size, attn_implementation, dtype)
+
+
 def _check_adapter_folder(adapter: str) -> None:
     folder = Path(adapter)
     if not folder.exists():
@@ -608,20 +627,7 @@ def load_classifier(
     overrides = {"image_size": image_size, "resize_size": resize_size, "mean": mean, "std": std}
     settings = _preprocessing_settings(adapter, revision, overrides)
 
-    if isinstance(base_model, nn.Module):
-        _check_module_base(base_model, adapter)
-        base = base_model
-    else:
-        recorded = base_model is None
-        base_model = config.base_model_name_or_path if recorded else os.fspath(base_model)
-        if not base_model:
-            raise LPTUsageError(
-                f"The adapter {adapter!r} records no base model; pass {{base_model}} (a folder, a Hub id, or the "
-                "built-in 'demo' / 'tiny-random' backbone it was trained on).",
-                "base_model",
-            )
-        check_base_reference(base_model, adapter if recorded else None)
-        base = _load_base(base_model, settings.get("image_size"), attn_implementation, dtype)
+    base = _resolve_base(base_model, config, adapter, settings.get("image_size"), attn_implementation, dtype)
     base_size = int(base.config.image_size)
     settings.setdefault("image_size", base_size)
     if settings["image_size"] != base_size:

@@ -140,6 +140,21 @@ def _preprocessing_line(info: Mapping[str, Any], image_size: int | None) -> str:
     )
 
 
+def _data_lines(info: Mapping[str, Any]) -> list[str]:
+    lines = [f"- Data set: {info['dataset']}"] if info.get("dataset") else []
+    if isinstance(info.get("data"), Mapping) and info["data"]:
+        options = ", ".join(f"{k}={v}" for k, v in info["data"].items())
+        lines.append(f"- Data set options (`examples/evaluate_lpt.py` reuses them): {options}")
+    return lines
+
+
+def _classes_line(config) -> str:
+    if not config.id2label:
+        return f"- Classes: {config.num_labels}"
+    names = ", ".join(list(config.id2label.values())[:8]) + (", ..." if config.num_labels > 8 else "")
+    return f"- Classes: {config.num_labels} ({names})"
+
+
 def _section(peft_model, config, info: Mapping[str, Any], with_title: bool) -> list[str]:
     tuner = peft_model.base_model
     base_class = type(tuner.model).__name__
@@ -201,19 +216,10 @@ def _section(peft_model, config, info: Mapping[str, Any], with_title: bool) -> l
         f"- Base model: `{base}` ({base_class}, hidden size {config.hidden_size}, {config.num_hidden_layers} layers), "
         "frozen",
     ]
-    if dataset:
-        lines.append(f"- Data set: {dataset}")
-    if isinstance(info.get("data"), Mapping) and info["data"]:
-        options = ", ".join(f"{k}={v}" for k, v in info["data"].items())
-        lines.append(f"- Data set options (`examples/evaluate_lpt.py` reuses them): {options}")
+    lines += _data_lines(info)
     lines += [
         f"- Phase {config.phase}: {phase_text}",
-        f"- Classes: {config.num_labels}"
-        + (
-            f" ({', '.join(list(config.id2label.values())[:8])}{', ...' if config.num_labels > 8 else ''})"
-            if config.id2label
-            else ""
-        ),
+        _classes_line(config),
         f"- Prompts: {config.prompt_length} shared per layer; {config.num_groups} groups x "
         f"{config.group_prompt_length} prompts for layers {config.shared_layers + 1}..{config.num_hidden_layers}; "
         f"top-{config.top_k} groups averaged per image",
@@ -225,13 +231,18 @@ def _section(peft_model, config, info: Mapping[str, Any], with_title: bool) -> l
     notes = info.get("notes")
     for note in [notes] if isinstance(notes, str) else list(notes or []):
         lines.append(f"- {note}")
-    results = _results_markdown(info, config.phase)
-    if results:
-        lines += ["", f"{h} Results", "", results]
-        grouping = info.get("grouping")
-        if grouping in _GROUPING:
-            lines += ["", f"Shot groups by training images per class: {_GROUPING[grouping]}."]
+    lines += _results_lines(info, config.phase, h)
     lines += ["", f"{h} Citation", "", _CITATION, _END_MARKER]
+    return lines
+
+
+def _results_lines(info: Mapping[str, Any], phase: int, h: str) -> list[str]:
+    results = _results_markdown(info, phase)
+    if not results:
+        return []
+    lines = ["", f"{h} Results", "", results]
+    if info.get("grouping") in _GROUPING:
+        lines += ["", f"Shot groups by training images per class: {_GROUPING[info['grouping']]}."]
     return lines
 
 
