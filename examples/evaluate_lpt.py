@@ -14,7 +14,7 @@ train_lpt.py (`--help` lists them), plus --adapter and --json_out.
 import json
 import sys
 
-from lpt_peft.cli import LPTUsageError, cli_entry
+from lpt_peft.cli import TRAINING_FLAGS, LPTUsageError, cli_entry
 from lpt_peft.inference import adapter_record
 from lpt_peft.metrics import format_results_table
 from lpt_peft.training import evaluate_adapter
@@ -24,7 +24,7 @@ from lpt_peft.training_args import DATASETS, LPTTrainingArguments, parse_trainin
 DATA_OPTIONS = ("n_max", "imbalance", "data_seed", "val_per_class", "max_test_per_class")
 
 
-@cli_entry(flags={"base_model": "--model_name_or_path", "image_size": "--image_size"})
+@cli_entry(flags={**TRAINING_FLAGS, "base_model": "--model_name_or_path", "image_size": "--image_size"})
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     adapter = _pop(argv, "--adapter", required=True)

@@ -25,7 +25,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["USER_ERRORS", "LPTUsageError", "cli_entry", "format_error"]
+__all__ = ["TRAINING_FLAGS", "USER_ERRORS", "LPTUsageError", "cli_entry", "format_error"]
 
 
 class LPTUsageError(ValueError):
@@ -69,9 +69,31 @@ class LPTUsageError(ValueError):
 USER_ERRORS = (ValueError, TypeError, OSError)
 
 
+# The data loaders name their Python arguments in `backticks`; the training scripts take them as these flags.
+TRAINING_FLAGS = {
+    "root": "--data_root",
+    "data_dir": "--data_root",
+    "split_dir": "--split_dir",
+    "train_dir": "--train_dir",
+    "val_dir": "--val_dir",
+    "test_dir": "--test_dir",
+    "verify_images=True": "--verify_images true",
+    "verify_images": "--verify_images",
+}
+
+
 def format_error(err: BaseException, flags: Mapping[str, str] | None = None) -> str:
-    """The one-line (or few-line) message a script prints for a user error."""
-    return err.render(flags) if isinstance(err, LPTUsageError) else str(err)
+    """The message a script prints for a user error, with Python argument names replaced by the script's flags.
+
+    [`LPTUsageError`] messages are rendered with `flags`; in other messages an argument written in backticks
+    (`` `split_dir` ``) is replaced by its flag (`` `--split_dir` ``).
+    """
+    if isinstance(err, LPTUsageError):
+        return err.render(flags)
+    message = str(err)
+    for name, flag in (flags or {}).items():
+        message = message.replace(f"`{name}`", f"`{flag}`")
+    return message
 
 
 def cli_entry(flags: Mapping[str, str] | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

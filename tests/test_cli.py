@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lpt_peft.cli import LPTUsageError, cli_entry
+from lpt_peft.cli import TRAINING_FLAGS, LPTUsageError, cli_entry, format_error
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,6 +39,14 @@ def test_usage_error_names_arguments_in_python_and_flags_in_scripts():
     assert err.render({"base_model": "--base", "trust_pickle": "--trust_pickle"}) == "pass --base or --trust_pickle."
     # Braces in quoted values do not break a message without arguments.
     assert str(LPTUsageError("folder '/tmp/{x}' exists")) == "folder '/tmp/{x}' exists"
+
+
+def test_plain_library_messages_get_flags_for_backticked_arguments():
+    err = FileNotFoundError("`split_dir` holds the split files; pass the images as `root` (or `verify_images=True`).")
+    assert format_error(err, TRAINING_FLAGS) == (
+        "`--split_dir` holds the split files; pass the images as `--data_root` (or `--verify_images true`)."
+    )
+    assert format_error(ValueError("root of the problem"), TRAINING_FLAGS) == "root of the problem"
 
 
 def test_cli_entry_exits_2_with_the_message_and_keeps_bugs_loud(capsys, monkeypatch):
@@ -72,6 +80,9 @@ def test_train_script_missing_split_file_prints_no_traceback(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "error: " in result.stderr
     assert "Places_LT_train.txt" in result.stderr
+    # The data loader's argument names come out as the script's flags.
+    assert "`--split_dir`" in result.stderr and "`--data_root`" in result.stderr
+    assert "`split_dir`" not in result.stderr and "`root`" not in result.stderr
 
 
 def test_evaluate_script_errors(tmp_path, capsys):
