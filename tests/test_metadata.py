@@ -216,3 +216,13 @@ def test_relative_backbone_folder_is_recorded_absolute(tmp_path, monkeypatch):
     ViTModel(tiny_vit_config(), add_pooling_layer=False).save_pretrained("vit")
     model = get_peft_model(load_backbone("vit", image_size=16), lpt_peft.LPTConfig(num_labels=3, shared_layers=2))
     assert model.peft_config["default"].base_model_name_or_path == str(tmp_path / "vit")
+
+
+def test_evaluate_names_its_base_flag(relative_base, monkeypatch, no_network, capsys):
+    work, _ = relative_base
+    monkeypatch.chdir(work.parent)
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("evaluate_lpt").main(["--adapter", str(work / "adapter"), "--dataset", "synthetic"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "records its base model as 'base'" in error
+    assert "--model_name_or_path" in error and "base_model=" not in error
