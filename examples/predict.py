@@ -4,7 +4,8 @@
         --json_out predictions.json --csv_out predictions.csv
 
 Arguments are image files and/or folders (their image files, sorted; --recursive descends into subfolders).
---adapter and --base take local folders or Hub ids; --base defaults to the base recorded in the adapter.
+--adapter and --base take local folders or Hub ids; --base defaults to the base recorded in the adapter (an adapter
+trained on the built-in `demo` or `tiny-random` backbone records that name and needs no --base).
 Preprocessing comes from the adapter's preprocessor_config.json when it has one, else LPT's defaults; --image_size,
 --resize_size, --mean and --std override it. Scores are softmax(logit_scale * cosine logits), logit_scale from the
 adapter config (20 by default).
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 
 import lpt_peft  # noqa: F401  (registers LPT with peft)
+from lpt_peft.cli import cli_entry
 from lpt_peft.inference import load_classifier
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -29,7 +31,9 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("images", nargs="+", help="Image files and/or folders of images.")
     parser.add_argument("--adapter", required=True, help="LPT adapter folder or Hub id.")
-    parser.add_argument("--base", default=None, help="Base ViT folder or Hub id (default: the adapter's record).")
+    parser.add_argument(
+        "--base", default=None, help="Base ViT folder, Hub id, 'demo' or 'tiny-random' (default: the adapter's base)."
+    )
     parser.add_argument("--top_k", type=int, default=5, help="Labels per image.")
     parser.add_argument("--batch_size", type=int, default=32, help="Images per forward pass.")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available).")
@@ -69,23 +73,21 @@ def collect_images(paths: list[str], recursive: bool) -> list[str]:
     return files
 
 
+@cli_entry(flags={"base_model": "--base", "image_size": "--image_size", "on_error": "--skip_bad"})
 def main(argv=None) -> list[dict]:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        files = collect_images(args.images, args.recursive)
-        classifier = load_classifier(
-            args.base,
-            args.adapter,
-            device=args.device,
-            image_size=args.image_size,
-            resize_size=args.resize_size,
-            mean=args.mean,
-            std=args.std,
-            batch_size=args.batch_size,
-        )
-        predictions = classifier(files, top_k=args.top_k, on_error="skip" if args.skip_bad else "raise")
-    except (ValueError, FileNotFoundError, TypeError) as err:
-        sys.exit(f"error: {err}")
+    files = collect_images(args.images, args.recursive)
+    classifier = load_classifier(
+        args.base,
+        args.adapter,
+        device=args.device,
+        image_size=args.image_size,
+        resize_size=args.resize_size,
+        mean=args.mean,
+        std=args.std,
+        batch_size=args.batch_size,
+    )
+    predictions = classifier(files, top_k=args.top_k, on_error="skip" if args.skip_bad else "raise")
 
     records = []
     for index, (file, prediction) in enumerate(zip(files, predictions)):

@@ -7,20 +7,24 @@
     accelerate launch --multi_gpu --num_processes 8 examples/train_lpt.py --config configs/places_lt.yaml
 
 Every option can be set in the YAML file or on the command line (`--help` lists them). The logic lives in
-`lpt_peft.training`.
+`lpt_peft.training`. A bad option or missing data prints `error: <message>` and exits with status 2 (`LPT_DEBUG=1`
+for a traceback); under `accelerate launch` the launcher then adds its own CalledProcessError traceback, which
+`accelerate launch --quiet` leaves out.
 """
 
 import sys
 from pathlib import Path
 
+from lpt_peft.cli import TRAINING_FLAGS, cli_entry
 from lpt_peft.training import run_training
 from lpt_peft.training_args import parse_training_args
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_fashion_mnist.yaml"
 
 
-def main() -> None:
-    argv = sys.argv[1:] or ["--config", str(DEMO_CONFIG)]
+@cli_entry(flags=TRAINING_FLAGS)
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv) or ["--config", str(DEMO_CONFIG)]
     run_training(parse_training_args(argv))
 
 

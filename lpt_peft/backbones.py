@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
+
+# Backbones built here rather than loaded from a folder or the Hub; an adapter trained on one records its name.
+BUILTIN_BACKBONES = ("demo", "tiny-random")
 
 
 def tiny_random_vit(image_size: int = 32, seed: int = 0, attn_implementation: str = "sdpa") -> nn.Module:
@@ -35,15 +40,23 @@ def load_backbone(name_or_path: str, image_size: int = 224, attn_implementation:
             or a folder / Hub id of a `ViTModel` or `ViTForImageClassification` checkpoint.
         image_size: Input resolution (the demo backbone's position grid is resampled to it).
         attn_implementation: `"sdpa"` or `"eager"`.
-    """
-    if name_or_path == "demo":
-        from .pretrained import load_demo_backbone
 
-        model = load_demo_backbone(image_size=image_size)
-        model.config._attn_implementation = attn_implementation
+    Returns:
+        The backbone (`ViTModel`, `Dinov2Model`, ...); for a built-in name its `config._name_or_path` is
+        that name, so an adapter trained on it records it as `base_model_name_or_path`.
+    """
+    if name_or_path in BUILTIN_BACKBONES:
+        if name_or_path == "demo":
+            from .pretrained import load_demo_backbone
+
+            model = load_demo_backbone(image_size=image_size)
+            model.config._attn_implementation = attn_implementation
+        else:
+            model = tiny_random_vit(image_size=image_size, attn_implementation=attn_implementation)
+        # peft records the base's name in adapter_config.json (`base_model_name_or_path`): the built-in name, not a
+        # cache folder, lets `load_classifier` and the scripts rebuild this backbone with no --base flag.
+        model.name_or_path = model.config._name_or_path = name_or_path
         return model
-    if name_or_path == "tiny-random":
-        return tiny_random_vit(image_size=image_size, attn_implementation=attn_implementation)
     import transformers
     from transformers import AutoConfig
 
@@ -67,6 +80,9 @@ def load_backbone(name_or_path: str, image_size: int = 224, attn_implementation:
     cls = getattr(transformers, class_name)
     kwargs = {"add_pooling_layer": False} if class_name in ("ViTModel", "DeiTModel") else {}
     model = cls.from_pretrained(name_or_path, attn_implementation=attn_implementation, **kwargs)
+    if os.path.isdir(name_or_path):
+        # A relative folder would be recorded as the adapter's base and mean nothing from another directory.
+        model.name_or_path = model.config._name_or_path = os.path.abspath(name_or_path)
     if getattr(model.config, "image_size", image_size) != image_size and config.model_type not in (
         "dinov2",
         "dinov2_with_registers",

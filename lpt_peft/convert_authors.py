@@ -4,9 +4,10 @@ Two converters:
 
 - [`timm_vit_to_hf`] maps a timm `VisionTransformer` state dict (e.g. `vit_base_patch16_224.augreg_in21k`, the
   backbone the LPT authors used) to a HF `ViTModel` with LayerNorm eps 1e-5 (the authors' value; timm uses 1e-6).
-- [`convert_authors_checkpoint`] turns the authors' released checkpoint (a torch pickle
+- [`convert_authors_checkpoint`] turns the authors' released checkpoint (`LPT_places.pth`, a torch pickle
   `{"config": ..., "state_dict": ..., "val_acc": ...}` holding the timm-style backbone plus `prompt_learner.*`) into a
-  `ViTModel` folder and a phase-2 LPT adapter folder, loadable with
+  `ViTModel` folder and an LPT adapter folder: phase 2 for their full model (shared prompts, group pool, keys, head),
+  phase 1 for their phase-1 model (shared prompts and head, no pool), loadable with
   `PeftModel.from_pretrained(ViTModel.from_pretrained(base_dir), adapter_dir)` after `import lpt_peft`.
 
 Every dimension is read from the tensor shapes; the number of attention heads cannot be, and defaults to
@@ -19,6 +20,7 @@ import argparse
 import math
 import os
 import re
+import shutil
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,7 +29,11 @@ from typing import Any
 
 import torch
 
+from .cli import LPTUsageError
+
 __all__ = [
+    "AUTHORS_PHASE1_KEYS",
+    "AUTHORS_POOL_KEYS",
     "AUTHORS_PROMPT_KEYS",
     "ConvertedCheckpoint",
     "authors_state_dict_to_lpt",
@@ -45,6 +51,8 @@ AUTHORS_PROMPT_KEYS = (
     "prompt_learner.Prompt_Keys",
     "prompt_learner.head.weight",
 )
+AUTHORS_PHASE1_KEYS = ("prompt_learner.Prompt_Tokens", "prompt_learner.head.weight")  # shared prompts + cosine head
+AUTHORS_POOL_KEYS = ("prompt_learner.Prompt_Tokens_pool", "prompt_learner.Prompt_Keys")  # phase 2 adds the pool
 # timm keys that carry no backbone weight LPT needs: the (ImageNet-21k) classifier of timm's model.
 _TIMM_IGNORED = re.compile(r"head\.(weight|bias)")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
@@ -65,6 +73,13 @@ def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
 
 
 def _get(state_dict: Mapping[str, torch.Tensor], key: str, what: str) -> torch.Tensor:
+    if key not in state_dict and key.startswith("prompt_learner."):
+        found = sorted(k for k in state_dict if k.startswith("prompt_learner."))
+        raise ValueError(
+            f"The {what} lacks the prompt learner's key {key!r}. The authors' phase-1 model holds "
+            f"{', '.join(AUTHORS_PHASE1_KEYS)}; their phase-2 model also {', '.join(AUTHORS_POOL_KEYS)}. Found: "
+            f"{found or 'no prompt_learner.* keys'}."
+        )
     if key not in state_dict:
         raise ValueError(
             f"The {what} lacks the key {key!r}. Expected a timm-style ViT (keys like 'cls_token', 'pos_embed', "
@@ -140,9 +155,10 @@ def infer_vit_config(
     intermediate = int(_get(state_dict, "blocks.0.mlp.fc1.weight", what).shape[0])
     if num_attention_heads is None:
         if hidden % 64:
-            raise ValueError(
+            raise LPTUsageError(
                 f"Cannot infer the number of attention heads for hidden size {hidden} (not a multiple of the usual "
-                "head width 64). Pass num_attention_heads= (--num_heads on the command line)."
+                "head width 64). Pass {num_attention_heads}.",
+                "num_attention_heads",
             )
         num_attention_heads = hidden // 64
     if isinstance(num_attention_heads, bool) or not isinstance(num_attention_heads, int) or num_attention_heads < 1:
@@ -214,7 +230,8 @@ def _check_leftovers(leftover: list[str], strict: bool, what: str, hint: str) ->
         return
     message = f"The {what} has {len(leftover)} key(s) that the converter does not know: {leftover[:10]}. {hint}"
     if strict:
-        raise ValueError(message + " Pass strict=False (--no_strict) to ignore them.")
+        escaped = message.replace("{", "{{").replace("}", "}}")
+        raise LPTUsageError(escaped + " Pass {strict} to ignore them.", strict="strict=False")
     warnings.warn(message + " They are ignored (strict=False).", stacklevel=3)
 
 
@@ -313,7 +330,7 @@ def load_authors_checkpoint(
     Example:
 
     ```python
-    >>> state_dict, stored_config, val_acc = load_authors_checkpoint("places_lt_lpt.pth")
+    >>> state_dict, stored_config, val_acc = load_authors_checkpoint("LPT_places.pth")
     >>> state_dict["prompt_learner.Prompt_Keys"].shape
     torch.Size([20, 768])
     ```
@@ -326,11 +343,12 @@ def load_authors_checkpoint(
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError or AttributeError here
         if not trust_pickle:
-            raise ValueError(
-                f"{str(path)!r} cannot be loaded safely (torch.load with weights_only=True failed: "
-                f"{str(err).splitlines()[0][:300]}). It holds Python objects beyond tensors, and loading those runs "
-                "code stored in the file. If you trust its source, pass trust_pickle=True (--trust_pickle on the "
-                "command line)."
+            first_line = str(err).splitlines()[0][:300].replace("{", "{{").replace("}", "}}")
+            raise LPTUsageError(
+                f"{str(path)!r} cannot be loaded safely (torch.load with weights_only=True failed: {first_line}). It "
+                "holds Python objects beyond tensors, and loading those runs code stored in the file. If you trust "
+                "its source, pass {trust_pickle}.",
+                trust_pickle="trust_pickle=True",
             ) from err
         warnings.warn(
             f"Loading {str(path)!r} with torch.load(weights_only=False): unpickling executes code stored in the "
@@ -394,18 +412,42 @@ def read_labels_file(path: str | os.PathLike) -> dict[int, str]:
         raise ValueError(f"{str(path)!r} does not number its classes 0..{len(names) - 1} without gaps.")
     return {i: next(iter(v)) for i, v in sorted(names.items())}
 
-
 @dataclass
 class _AuthorsParts:
     vit: Any  # the converted ViTModel, not yet wrapped
     shared: torch.Tensor  # (L, P, D)
-    pool: torch.Tensor  # (m, L - K, Pg, D)
-    keys: torch.Tensor  # (m, D)
     head: torch.Tensor  # (D, C)
+    pool: torch.Tensor | None = None  # (m, L - K, Pg, D); None in the authors' phase-1 model
+    keys: torch.Tensor | None = None  # (m, D); None in the authors' phase-1 model
 
     @property
-    def shared_layers(self) -> int:
-        return self.shared.shape[0] - self.pool.shape[1]
+    def phase(self) -> int:
+        return 1 if self.pool is None else 2
+
+    @property
+    def shared_layers(self) -> int | None:
+        return None if self.pool is None else self.shared.shape[0] - self.pool.shape[1]
+
+
+def _check_prompt_shapes(shared, head, pool, keys, d: int, depth: int) -> None:
+    if shared.dim() != 3 or tuple(shared.shape[::2]) != (depth, d):
+        raise ValueError(
+            f"Unexpected shape for 'prompt_learner.Prompt_Tokens': got {list(shared.shape)}, expected "
+            f"[{depth} (one row per layer), prompts, {d}]."
+        )
+    if head.dim() != 2 or head.shape[0] != d or head.shape[1] < 2:
+        raise ValueError(
+            f"Unexpected shape for 'prompt_learner.head.weight': got {list(head.shape)}, expected [{d}, classes] "
+            "(the authors' cosine classifier stores classes as columns)."
+        )
+    if pool is None:
+        return
+    if pool.dim() != 4 or pool.shape[-1] != d or not 1 <= pool.shape[1] <= depth:
+        raise ValueError(
+            f"Unexpected shape for 'prompt_learner.Prompt_Tokens_pool': got {list(pool.shape)}, expected "
+            f"[groups, layers with group prompts (1..{depth}), prompts, {d}]."
+        )
+    _check_shape("prompt_learner.Prompt_Keys", keys, (pool.shape[0], d), "one key per prompt group")
 
 
 def _parse_authors_state_dict(
@@ -414,74 +456,80 @@ def _parse_authors_state_dict(
     state_dict = strip_wrapper_prefixes(state_dict)
     what = "authors' checkpoint"
     config = infer_vit_config(state_dict, num_attention_heads=num_attention_heads)
-    d, depth = config.hidden_size, config.num_hidden_layers
     shared = _get(state_dict, "prompt_learner.Prompt_Tokens", what)
-    pool = _get(state_dict, "prompt_learner.Prompt_Tokens_pool", what)
-    keys = _get(state_dict, "prompt_learner.Prompt_Keys", what)
     head = _get(state_dict, "prompt_learner.head.weight", what)
-    if shared.dim() != 3 or tuple(shared.shape[::2]) != (depth, d):
-        raise ValueError(
-            f"Unexpected shape for 'prompt_learner.Prompt_Tokens': got {list(shared.shape)}, expected "
-            f"[{depth} (one row per layer), prompts, {d}]."
-        )
-    if pool.dim() != 4 or pool.shape[-1] != d or not 1 <= pool.shape[1] <= depth:
-        raise ValueError(
-            f"Unexpected shape for 'prompt_learner.Prompt_Tokens_pool': got {list(pool.shape)}, expected "
-            f"[groups, layers with group prompts (1..{depth}), prompts, {d}]."
-        )
-    _check_shape("prompt_learner.Prompt_Keys", keys, (pool.shape[0], d), "one key per prompt group")
-    if head.dim() != 2 or head.shape[0] != d or head.shape[1] < 2:
-        raise ValueError(
-            f"Unexpected shape for 'prompt_learner.head.weight': got {list(head.shape)}, expected [{d}, classes] "
-            "(the authors' cosine classifier stores classes as columns)."
-        )
+    present = [key for key in AUTHORS_POOL_KEYS if key in state_dict]
+    if len(present) == 1:  # half a pool: neither of the authors' layouts
+        missing = next(key for key in AUTHORS_POOL_KEYS if key not in state_dict)
+        _get(state_dict, missing, what)
+    pool, keys = (_get(state_dict, key, what) for key in AUTHORS_POOL_KEYS) if present else (None, None)
+    _check_prompt_shapes(shared, head, pool, keys, config.hidden_size, config.num_hidden_layers)
     hf_state, used = _timm_to_hf_state_dict(state_dict, config)
     used |= set(AUTHORS_PROMPT_KEYS)
     leftover = sorted(k for k in state_dict if k not in used and not _TIMM_IGNORED.fullmatch(k))
-    _check_leftovers(leftover, strict, what, "Expected the timm ViT keys plus " + ", ".join(AUTHORS_PROMPT_KEYS) + ".")
+    expected = "Expected the timm ViT keys plus " + ", ".join(AUTHORS_PHASE1_KEYS) + " (phase 1), and "
+    _check_leftovers(leftover, strict, what, expected + ", ".join(AUTHORS_POOL_KEYS) + " (phase 2).")
     vit = _build_vit(config, hf_state, attn_implementation)
-    return _AuthorsParts(vit, *(t.detach().to(torch.float32) for t in (shared, pool, keys, head)))
+    tensors = [None if t is None else t.detach().to(torch.float32) for t in (shared, head, pool, keys)]
+    return _AuthorsParts(vit, *tensors)
 
 
-def _wrap_authors_parts(
-    parts: _AuthorsParts, top_k: int, id2label: Mapping[int, str] | None, base_model_name_or_path: str | None
+def _authors_lpt_config(
+    parts: _AuthorsParts, top_k: int, id2label: Mapping[int, str] | None, pool_options: Mapping[str, int | None]
 ):
-    from peft import get_peft_model
-
+    """The adapter config; for a phase-1 model the pool sizes are those phase-2 training will start from."""
     from .config import LPTConfig
 
-    num_groups, _, group_length, _ = parts.pool.shape
-    lpt_config = LPTConfig(
+    depth = parts.shared.shape[0]
+    if parts.pool is not None:
+        num_groups, _, group_length, _ = parts.pool.shape
+        sizes = {"num_groups": int(num_groups), "group_prompt_length": int(group_length)}
+        sizes["shared_layers"] = parts.shared_layers
+    else:
+        sizes = {"num_groups": 20, "group_prompt_length": 10, "shared_layers": depth // 2}  # the paper's (6 of 12)
+        sizes.update({k: v for k, v in pool_options.items() if v is not None})
+    return LPTConfig(
         num_labels=int(parts.head.shape[1]),
         prompt_length=int(parts.shared.shape[1]),
-        num_groups=int(num_groups),
-        group_prompt_length=int(group_length),
         top_k=top_k,
-        shared_layers=parts.shared_layers,
         layer_norm_eps=_AUTHORS_LAYER_NORM_EPS,
         id2label=dict(id2label) if id2label is not None else None,
-        phase=2,
+        phase=parts.phase,
+        num_hidden_layers=depth,
+        hidden_size=int(parts.shared.shape[2]),
+        **sizes,
     )
+
+
+def _wrap_authors_parts(parts: _AuthorsParts, lpt_config, base_model_name_or_path: str | None):
+    from peft import get_peft_model
+
     if base_model_name_or_path:
         # get_peft_model records the base model's own name in the adapter config (and warns if they differ).
         parts.vit.name_or_path = base_model_name_or_path
         parts.vit.config._name_or_path = base_model_name_or_path
-    model = get_peft_model(parts.vit, lpt_config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # a phase-1 file has no pool: its freshly initialised pool is the same on every run
+        model = get_peft_model(parts.vit, lpt_config)
     adapter = model.active_adapter
     prefix = "base_model.model.layers"
-    weights = {f"base_model.lpt_keys.{adapter}": parts.keys, f"base_model.lpt_head.{adapter}": parts.head}
+    weights = {f"base_model.lpt_head.{adapter}": parts.head}
+    if parts.keys is not None:
+        weights[f"base_model.lpt_keys.{adapter}"] = parts.keys
     for i in range(parts.shared.shape[0]):
         weights[f"{prefix}.{i}.attention.lpt_shared_prompt.{adapter}"] = parts.shared[i]
-        if i >= parts.shared_layers:
+        if parts.pool is not None and i >= parts.shared_layers:
             weights[f"{prefix}.{i}.attention.lpt_group_prompt.{adapter}"] = parts.pool[:, i - parts.shared_layers]
     result = model.load_state_dict({k: v.contiguous() for k, v in weights.items()}, strict=False)
     not_filled = [k for k in result.missing_keys if ".lpt_" in k]
+    if parts.pool is None:  # the pool of a phase-1 model is not in the file: it stays at its initialisation
+        not_filled = [k for k in not_filled if ".lpt_group_prompt." not in k and ".lpt_keys." not in k]
     if result.unexpected_keys or not_filled:
         raise RuntimeError(
             f"Internal mapping error (the LPT adapter layout changed?): unexpected {result.unexpected_keys[:4]}, "
             f"not filled {not_filled[:4]}."
         )
-    model.base_model.set_phase(2)
+    model.base_model.set_phase(parts.phase)
     return model.eval()
 
 
@@ -493,13 +541,18 @@ def authors_state_dict_to_lpt(
     strict: bool = True,
     base_model_name_or_path: str | None = None,
     attn_implementation: str = "sdpa",
+    shared_layers: int | None = None,
+    num_groups: int | None = None,
+    group_prompt_length: int | None = None,
 ):
-    """Build the phase-2 LPT `PeftModel` equal to the authors' model from their state dict (in memory).
+    """Build the LPT `PeftModel` equal to the authors' model from their state dict (in memory).
 
-    Shapes give everything: `Prompt_Tokens` `(L, P, D)` holds the shared prompts of layer i at `[i]`;
-    `Prompt_Tokens_pool` `(m, L - K, Pg, D)` holds the group prompts of layer i >= K at `[:, i - K]` (so
-    K = L - its second dimension); `Prompt_Keys` `(m, D)`; `head.weight` `(D, C)` is the cosine classifier with
-    classes as columns.
+    Shapes give everything: `Prompt_Tokens` `(L, P, D)` holds the shared prompts of layer i at `[i]` (0-based);
+    `Prompt_Tokens_pool` `(m, L - K, Pg, D)` holds the group prompts of layers K+1..L (1-based), layer i (0-based,
+    i >= K) at `[:, i - K]` (so K = L - its second dimension); `Prompt_Keys` `(m, D)`; `head.weight` `(D, C)` is the
+    cosine classifier with classes as columns. The authors' phase-1 model has no pool and no keys: it becomes a
+    phase-1 adapter whose pool (sized by `shared_layers` / `num_groups` / `group_prompt_length`) is freshly
+    initialised, ready for phase-2 training (`examples/train_lpt.py --phase 2 --init_from <adapter>`).
 
     Args:
         state_dict: The authors' state dict (`module.` prefixes allowed).
@@ -509,21 +562,41 @@ def authors_state_dict_to_lpt(
         strict: Raise on keys that are neither backbone nor prompt weights.
         base_model_name_or_path: Recorded in the adapter config (where the converted base will live).
         attn_implementation: `"sdpa"` or `"eager"`.
+        shared_layers / num_groups / group_prompt_length: Phase-1 models only (a phase-2 file fixes them): the
+            pool phase 2 will train. Default: the paper's, `L // 2`, 20 and 10.
 
     Returns:
-        The `PeftModel` (eval mode, phase 2) around the converted `ViTModel`.
+        The `PeftModel` (eval mode, in the checkpoint's phase) around the converted `ViTModel`.
+
+    Raises:
+        ValueError: a missing key or a wrong shape (named), unknown keys with `strict=True`, or pool options for a
+            phase-2 file.
 
     Example:
 
     ```python
-    >>> state_dict, _, _ = load_authors_checkpoint("places_lt_lpt.pth")
+    >>> state_dict, _, _ = load_authors_checkpoint("LPT_places.pth")
     >>> model = authors_state_dict_to_lpt(state_dict)
     >>> model(pixel_values=pixel_values).logits.shape
     torch.Size([8, 365])
     ```
     """
+    pool_options = dict(shared_layers=shared_layers, num_groups=num_groups, group_prompt_length=group_prompt_length)
     parts = _parse_authors_state_dict(state_dict, num_attention_heads, strict, attn_implementation)
-    return _wrap_authors_parts(parts, top_k, id2label, base_model_name_or_path)
+    lpt_config = _checked_lpt_config(parts, top_k, id2label, pool_options)
+    return _wrap_authors_parts(parts, lpt_config, base_model_name_or_path)
+
+
+def _checked_lpt_config(parts: _AuthorsParts, top_k: int, id2label, pool_options: Mapping[str, int | None]):
+    given = [name for name, value in pool_options.items() if value is not None]
+    if parts.pool is not None and given:
+        raise LPTUsageError(
+            "This is the authors' phase-2 model: its pool fixes the group sizes and K, so "
+            + ", ".join(f"{{{name}}}" for name in given)
+            + " cannot be set. Leave them out.",
+            *given,
+        )
+    return _authors_lpt_config(parts, top_k, id2label, pool_options)
 
 
 @dataclass
@@ -531,10 +604,11 @@ class ConvertedCheckpoint:
     """What [`convert_authors_checkpoint`] wrote.
 
     Args:
-        model: The phase-2 `PeftModel` (already in memory; equal to what the two folders load).
+        model: The `PeftModel` (already in memory; equal to what the two folders load).
         base_dir / adapter_dir: The written folders.
         stored_config: The `config` entry of the checkpoint (a dict; None when absent).
         val_acc: The `val_acc` entry of the checkpoint (None when absent).
+        phase: 2 for the authors' full model, 1 for their phase-1 model (no group pool).
     """
 
     model: Any
@@ -542,6 +616,7 @@ class ConvertedCheckpoint:
     adapter_dir: Path
     stored_config: Any
     val_acc: Any
+    phase: int = 2
 
 
 def _stored_top_k(stored_config: Any) -> int | None:
@@ -551,6 +626,30 @@ def _stored_top_k(stored_config: Any) -> int | None:
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 return value
     return None
+
+
+def _check_output_dirs(base_dir: Path, adapter_dir: Path, overwrite: bool) -> None:
+    if base_dir.resolve() == adapter_dir.resolve():
+        raise LPTUsageError(f"The base and adapter folders are the same ({str(base_dir)!r}); give two folders.")
+    for folder in (base_dir, adapter_dir):
+        if folder.exists() and not folder.is_dir():
+            raise LPTUsageError(f"{str(folder)!r} is a file, not a folder; choose another output folder.")
+        if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+            raise LPTUsageError(
+                f"{str(folder)!r} exists and is not empty; nothing was written. Choose another output folder, or "
+                "pass {overwrite} to replace it.",
+                "overwrite",
+            )
+
+
+def _swap_in(staged: Path, target: Path) -> None:
+    """Replace `target` by the finished folder `staged` (renames only, so a reader never sees half a folder)."""
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staged, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def convert_authors_checkpoint(
@@ -564,12 +663,19 @@ def convert_authors_checkpoint(
     trust_pickle: bool = False,
     strict: bool = True,
     base_model_name_or_path: str | None = None,
+    overwrite: bool = False,
+    shared_layers: int | None = None,
+    num_groups: int | None = None,
+    group_prompt_length: int | None = None,
 ) -> ConvertedCheckpoint:
-    """Convert the LPT authors' released checkpoint into a `ViTModel` folder and a phase-2 LPT adapter folder.
+    """Convert an LPT authors' checkpoint (e.g. their released `LPT_places.pth`) into a `ViTModel` folder and an LPT
+    adapter folder: phase 2 for their full model, phase 1 for their phase-1 model (shared prompts and head, no pool).
 
     Both folders also get a `preprocessor_config.json` with the authors' evaluation preprocessing (resize to
     `image_size * 256 / 224` square, centre crop `image_size`, mean = std = 0.5), which
-    [`lpt_peft.inference.load_classifier`] and `AutoImageProcessor` read.
+    [`lpt_peft.inference.load_classifier`] and `AutoImageProcessor` read. Everything is read and checked before
+    anything is written; the folders are written next to their targets and renamed into place at the end, so an
+    error leaves no half-converted folder.
 
     Args:
         checkpoint: The authors' `.pth` file (`{"config", "state_dict", "val_acc"}`; `module.` prefixes allowed).
@@ -581,8 +687,15 @@ def convert_authors_checkpoint(
         dataset: Data set name for the model card (e.g. `"places_lt"`).
         trust_pickle: See [`load_authors_checkpoint`].
         strict: Raise on unknown keys.
-        base_model_name_or_path: What the adapter records as its base (default: `base_dir` as given). Set it to the
-            Hub id if you will upload the converted base there.
+        base_model_name_or_path: What the adapter records as its base (default: the absolute path of `base_dir`).
+            Set it to the Hub id if you will upload the converted base there.
+        overwrite: Replace non-empty output folders (default: refuse, so nothing is lost by a typo).
+        shared_layers / num_groups / group_prompt_length: Phase-1 files only; see [`authors_state_dict_to_lpt`].
+
+    Raises:
+        FileNotFoundError: the checkpoint does not exist.
+        ValueError: unreadable or unsafe file, missing keys or wrong shapes (named), unknown keys with
+            `strict=True`, or non-empty output folders without `overwrite`.
 
     Example:
 
@@ -592,37 +705,57 @@ def convert_authors_checkpoint(
     >>> from peft import PeftModel
     >>> from transformers import ViTModel
 
-    >>> convert_authors_checkpoint("places_lt_lpt.pth", "converted/base", "converted/adapter", dataset="places_lt")
+    >>> convert_authors_checkpoint("LPT_places.pth", "converted/base", "converted/adapter", dataset="places_lt")
     >>> base = ViTModel.from_pretrained("converted/base", add_pooling_layer=False)
     >>> model = PeftModel.from_pretrained(base, "converted/adapter").eval()
     ```
     """
-    from .inference import save_preprocessing
-
+    base_dir, adapter_dir = Path(base_dir), Path(adapter_dir)
+    _check_output_dirs(base_dir, adapter_dir, overwrite)
     state_dict, stored_config, val_acc = load_authors_checkpoint(checkpoint, trust_pickle=trust_pickle)
     top_k = top_k if top_k is not None else (_stored_top_k(stored_config) or 2)
-    base_dir, adapter_dir = Path(base_dir), Path(adapter_dir)
-    base_name = base_model_name_or_path or str(base_dir)
+    base_name = base_model_name_or_path or str(base_dir.resolve())
     parts = _parse_authors_state_dict(state_dict, num_attention_heads, strict, attn_implementation="sdpa")
-    vit_config = parts.vit.config
-    preprocessing = {"image_size": vit_config.image_size, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    pool_options = dict(shared_layers=shared_layers, num_groups=num_groups, group_prompt_length=group_prompt_length)
+    lpt_config = _checked_lpt_config(parts, top_k, id2label, pool_options)
+
+    staged = [folder.with_name(f"{folder.name}.partial") for folder in (base_dir, adapter_dir)]
+    try:
+        model = _write_staged(parts, lpt_config, base_name, staged, checkpoint, val_acc, dataset)
+        for folder, target in zip(staged, (base_dir, adapter_dir)):
+            _swap_in(folder, target)
+    finally:
+        for folder in staged:
+            shutil.rmtree(folder, ignore_errors=True)
+    return ConvertedCheckpoint(model, base_dir, adapter_dir, stored_config, val_acc, phase=parts.phase)
+
+
+def _write_staged(parts: _AuthorsParts, lpt_config, base_name: str, staged, checkpoint, val_acc, dataset):
+    from .inference import save_preprocessing
+
+    base_tmp, adapter_tmp = staged
+    for folder in staged:
+        shutil.rmtree(folder, ignore_errors=True)
+    image_size = parts.vit.config.image_size
+    preprocessing = {"image_size": image_size, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
     # The backbone is saved before the prompts are injected, so its folder holds plain ViT weights only.
-    parts.vit.save_pretrained(base_dir)
-    save_preprocessing(base_dir, **preprocessing)
-    model = _wrap_authors_parts(parts, top_k, id2label, base_name)
+    parts.vit.save_pretrained(base_tmp)
+    save_preprocessing(base_tmp, **preprocessing)
+    model = _wrap_authors_parts(parts, lpt_config, base_name)
 
     notes = [f"Converted with `lpt_peft.convert_authors` from the LPT authors' checkpoint `{Path(checkpoint).name}`."]
+    if parts.phase == 1:
+        notes.append("The authors' phase-1 model: the group pool and keys are not trained (phase 2 trains them).")
     if val_acc is not None:
         notes.append(f"The checkpoint records val_acc = {_scalar(val_acc)} (the authors' own evaluation).")
     model.base_model.card_info = {
         "dataset": dataset,
         "base_model": base_name,
-        "preprocessing": {**preprocessing, "resize_size": round(vit_config.image_size * 256 / 224)},
+        "preprocessing": {**preprocessing, "resize_size": round(image_size * 256 / 224)},
         "notes": notes,
     }
-    model.save_pretrained(adapter_dir)
-    save_preprocessing(adapter_dir, **preprocessing)
-    return ConvertedCheckpoint(model, base_dir, adapter_dir, stored_config, val_acc)
+    model.save_pretrained(adapter_tmp)
+    return model
 
 
 def _scalar(value: Any) -> Any:

@@ -261,7 +261,23 @@ class LPTImageClassifier:
                 f"Cannot classify a {type(image).__name__}: pass PIL images, file paths, URLs or uint8 arrays. For "
                 "already preprocessed tensors call the model directly: model(pixel_values=...).logits."
             )
-        return self.transform(decode_image(image))
+        try:
+            return self.transform(decode_image(image))
+        except ValueError as err:
+            cause = err.__cause__
+            if cause is None:
+                raise
+            # decode_image's advice is for data sets (verify_images); here the fix is to skip or replace the file.
+            from .cli import LPTUsageError
+
+            where = f"image file {_describe(image)}" if isinstance(image, (str, os.PathLike)) else "an image"
+            reason = f"{type(cause).__name__}: {cause}".replace("{", "{{").replace("}", "}}")
+            where = where.replace("{", "{{").replace("}", "}}")
+            raise LPTUsageError(
+                f"Could not decode {where}: {reason}. The file is corrupt, truncated or not an image; replace it, or "
+                "pass {on_error} to skip unreadable images with a warning.",
+                on_error="on_error='skip'",
+            ) from cause
 
     def _iter_batches(self, items: list, on_error: str, batch_size: int):
         batch: list[tuple[int, torch.Tensor]] = []
@@ -379,19 +395,92 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 # ---------------------------------------------------------------------------------------------------- loading
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return bool(constants.HF_HUB_OFFLINE) or flag
+
+
+def _looks_like_path(name: str) -> bool:
+    """True when `name` can only be a file-system path (a Hub id is `name` or `owner/name`, nothing more)."""
+    from .model_card import looks_like_hub_id
+
+    return os.path.isabs(name) or name.startswith(("~", ".")) or "\\" in name or not looks_like_hub_id(name)
+
+
+def check_base_reference(base: str, recorded_in: str | None = None) -> None:
+    """Check, without any network access, that a base model reference can be loaded here.
+
+    A built-in backbone name (`"demo"`, `"tiny-random"`) and a folder with a `config.json` pass. A name that can only
+    be a path (absolute, `./`, `~`, more than one `/`) must exist. A Hub id must be in the local Hugging Face cache
+    when `HF_HUB_OFFLINE` is set; otherwise loading will download it.
+
+    Args:
+        base: The reference: a built-in name, a folder, or a Hub id.
+        recorded_in: The adapter folder when `base` is the adapter's record (named in the error), else None.
+
+    Raises:
+        LPTUsageError: naming the reference, where it came from, and `base_model=` (a script's base flag) to override.
+    """
+    from .backbones import BUILTIN_BACKBONES
+    from .cli import LPTUsageError
+
+    if base in BUILTIN_BACKBONES:
+        return
+    source = f"The adapter {recorded_in!r} records its base model as {base!r}" if recorded_in else f"Base {base!r}"
+    folder = Path(base).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise LPTUsageError(
+                f"{source}, a folder without config.json (not a saved model). Pass {{base_model}} with the folder "
+                "written by the base model's save_pretrained.",
+                "base_model",
+            )
+        return
+    here = f"is not a folder here (working directory {os.getcwd()})"
+    fix = (
+        "If the adapter was trained from a folder given by a relative path, that path only holds from the directory "
+        "it was trained in: pass {base_model} with the base model's folder (or its Hub id)."
+    )
+    if _looks_like_path(base):
+        raise LPTUsageError(f"{source}, which {here}. {fix}", "base_model")
+    if _hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(base, "config.json"), str):
+            raise LPTUsageError(
+                f"{source}, which {here} and is not in the local Hugging Face cache; HF_HUB_OFFLINE is set, so it "
+                f"cannot be downloaded. {fix} Or unset HF_HUB_OFFLINE to download it from the Hub.",
+                "base_model",
+            )
+
+
 def _load_base(base: str, image_size: int | None, attn_implementation: str, dtype: torch.dtype | None) -> nn.Module:
-    if base in ("demo", "tiny-random"):
+    from .backbones import BUILTIN_BACKBONES
+    from .cli import LPTUsageError
+
+    if base in BUILTIN_BACKBONES:
         from .backbones import load_backbone
 
         if image_size is None:
-            raise ValueError(
-                f"The {base!r} backbone is built for a given image size; pass image_size= (the adapter folder has "
-                f"no {PREPROCESSOR_FILE} saying it)."
+            raise LPTUsageError(
+                f"The {base!r} backbone is built for a given image size; pass {{image_size}} (the adapter folder has "
+                f"no {PREPROCESSOR_FILE} saying it).",
+                "image_size",
             )
-        return load_backbone(base, image_size=image_size, attn_implementation=attn_implementation)
+        model = load_backbone(base, image_size=image_size, attn_implementation=attn_implementation)
+        return model.to(dtype) if dtype is not None else model
     from transformers import AutoConfig, ViTForImageClassification, ViTModel
 
-    config = AutoConfig.from_pretrained(base)
+    try:
+        config = AutoConfig.from_pretrained(base)
+    except OSError as err:  # transformers' message for a Hub id it cannot fetch; add what to do in this function
+        raise LPTUsageError(
+            f"Cannot load the base model {base!r}: {str(err).splitlines()[0]} Pass {{base_model}} with the base "
+            "model's folder or Hub id.",
+            "base_model",
+        ) from err
     if config.model_type != "vit":
         raise ValueError(
             f"{base!r} is a {config.model_type!r} model; LPT adapters run on ViT backbones (model_type vit)."
@@ -403,6 +492,77 @@ def _load_base(base: str, image_size: int | None, attn_implementation: str, dtyp
     if dtype is not None:
         kwargs["dtype"] = dtype
     return cls.from_pretrained(base, **kwargs)
+
+
+def _preprocessing_settings(adapter: str, revision: str | None, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Preprocessing field by field: explicit values, else the adapter's preprocessor file (may lack image_size)."""
+    stored = load_preprocessing(adapter, revision=revision)
+    settings: dict[str, Any] = {}
+    if stored is not None:
+        settings = {
+            "image_size": stored.image_size,
+            "resize_size": stored.resize_size,
+            "mean": stored.mean,
+            "std": stored.std,
+            "interpolation": stored.interpolation,
+        }
+    if overrides.get("image_size") is not None and overrides.get("resize_size") is None and stored is not None:
+        settings.pop("resize_size")  # a new crop size with the stored resize would change the crop fraction
+    settings.update({key: value for key, value in overrides.items() if value is not None})
+    return settings
+
+
+def _check_module_base(base: nn.Module, adapter: str) -> None:
+    """A loaded base must be a plain backbone: wrapping a PeftModel or a model with LPT layers would stack adapters."""
+    from peft import PeftModel
+
+    from .layer import LPTAttention
+
+    if isinstance(base, PeftModel):
+        raise ValueError(
+            f"base_model is already a PeftModel; load_classifier adds the adapter {adapter!r} to a plain base model. "
+            "Pass model.get_base_model() after model.unload(), or wrap the PeftModel with LPTImageClassifier(model)."
+        )
+    if any(isinstance(module, LPTAttention) for module in base.modules()):
+        raise ValueError(
+            "base_model already carries LPT prompt layers (it was wrapped by get_peft_model or "
+            "PeftModel.from_pretrained). Pass a fresh base model, or wrap the existing PeftModel with "
+            "LPTImageClassifier(peft_model)."
+        )
+
+
+def _resolve_base(base_model, config, adapter: str, image_size, attn_implementation: str, dtype) -> nn.Module:
+    """The base to load the adapter into: checked if passed, else loaded from the given or recorded reference."""
+    from .cli import LPTUsageError
+
+    if isinstance(base_model, nn.Module):
+        _check_module_base(base_model, adapter)
+        return base_model
+    recorded = base_model is None
+    base_model = config.base_model_name_or_path if recorded else os.fspath(base_model)
+    if not base_model:
+        raise LPTUsageError(
+            f"The adapter {adapter!r} records no base model; pass {{base_model}} (a folder, a Hub id, or the "
+            "built-in 'demo' / 'tiny-random' backbone it was trained on).",
+            "base_model",
+        )
+    check_base_reference(base_model, adapter if recorded else None)
+    return _load_base(base_model, image_size, attn_implementation, dtype)
+
+
+def _check_adapter_folder(adapter: str) -> None:
+    folder = Path(adapter)
+    if not folder.exists():
+        return  # a Hub id: peft fetches and checks it
+    if not (folder / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"{adapter!r} has no adapter_config.json; pass the folder written by PeftModel.save_pretrained."
+        )
+    if not any((folder / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise FileNotFoundError(
+            f"{adapter!r} has an adapter_config.json but no adapter_model.safetensors: the adapter's weights are "
+            "missing (an interrupted save or copy?). Save or copy the adapter again."
+        )
 
 
 def load_classifier(
@@ -424,9 +584,12 @@ def load_classifier(
     [`save_preprocessing`] and by the authors' checkpoint converter); else LPT's defaults: the base model's image
     size, resize to `image_size * 256 / 224`, mean = std = 0.5.
 
+    Everything is checked before anything is loaded into `base_model`: a failing call leaves a passed model as it was.
+
     Args:
-        base_model: Folder / Hub id of the `ViTModel` the adapter was trained on, an already loaded model, or None to
-            use the `base_model_name_or_path` recorded in the adapter config.
+        base_model: A built-in backbone name (`"demo"`, `"tiny-random"`), a folder / Hub id of the `ViTModel` the
+            adapter was trained on, an already loaded model, or None to use the `base_model_name_or_path` recorded in
+            the adapter config.
         adapter: Folder / Hub id of the adapter (`adapter_config.json` + `adapter_model.safetensors`).
         device: `"cuda"`, `"cpu"`, ... or None for cuda when available.
         image_size / resize_size / mean / std: Preprocessing overrides.
@@ -434,6 +597,12 @@ def load_classifier(
         dtype: Load the base in this dtype (e.g. `torch.float16` on GPU); prompts stay float32.
         attn_implementation: `"sdpa"` (default) or `"eager"`.
         revision: Hub revision of the adapter.
+
+    Raises:
+        FileNotFoundError: the adapter folder lacks its config or weights.
+        lpt_peft.cli.LPTUsageError: the base cannot be found (the message names the recorded reference; with
+            `HF_HUB_OFFLINE` set this is decided without any network access) or the preprocessing does not fit it.
+        ValueError / TypeError: a bad device, batch size, adapter type, or a `base_model` that already has adapters.
 
     Example:
 
@@ -445,48 +614,70 @@ def load_classifier(
     """
     from peft import PeftConfig, PeftModel
 
+    from .cli import LPTUsageError
     from .config import LPTConfig
 
     adapter = os.fspath(adapter)
-    if Path(adapter).exists() and not (Path(adapter) / "adapter_config.json").is_file():
-        raise FileNotFoundError(
-            f"{adapter!r} has no adapter_config.json; pass the folder written by PeftModel.save_pretrained."
-        )
+    _check_adapter_folder(adapter)
     config = PeftConfig.from_pretrained(adapter, revision=revision)
     if not isinstance(config, LPTConfig):
         raise TypeError(f"{adapter!r} holds a {type(config).__name__} adapter, not an LPT adapter.")
+    torch_device = _resolve_device(device)
+    _check_batch_size(batch_size)
+    overrides = {"image_size": image_size, "resize_size": resize_size, "mean": mean, "std": std}
+    settings = _preprocessing_settings(adapter, revision, overrides)
 
-    stored = load_preprocessing(adapter, revision=revision)
-    settings: dict[str, Any] = {}
-    if stored is not None:
-        settings = {
-            "image_size": stored.image_size,
-            "resize_size": stored.resize_size,
-            "mean": stored.mean,
-            "std": stored.std,
-            "interpolation": stored.interpolation,
-        }
-    if image_size is not None and resize_size is None and stored is not None:
-        settings.pop("resize_size")  # a new crop size with the stored resize would change the crop fraction
-    for key, value in (("image_size", image_size), ("resize_size", resize_size), ("mean", mean), ("std", std)):
-        if value is not None:
-            settings[key] = value
-
-    if base_model is None:
-        base_model = config.base_model_name_or_path
-        if not base_model:
-            raise ValueError(f"The adapter {adapter!r} records no base model; pass base_model= (folder or Hub id).")
-    if isinstance(base_model, nn.Module):
-        base = base_model
-    else:
-        base = _load_base(os.fspath(base_model), settings.get("image_size"), attn_implementation, dtype)
+    base = _resolve_base(base_model, config, adapter, settings.get("image_size"), attn_implementation, dtype)
     base_size = int(base.config.image_size)
     settings.setdefault("image_size", base_size)
     if settings["image_size"] != base_size:
-        raise ValueError(
+        raise LPTUsageError(
             f"The preprocessing crops {settings['image_size']} px images but the base model expects {base_size} px. "
-            f"Pass image_size={base_size}, or the base model the adapter was trained with."
+            f"Set {{image_size}} to {base_size}, or pass the base model the adapter was trained with.",
+            "image_size",
         )
+    transform = LPTImageTransform(train=False, **settings)  # checks the values before the base is touched
     model = PeftModel.from_pretrained(base, adapter, revision=revision)
-    transform = LPTImageTransform(train=False, **settings)
-    return LPTImageClassifier(model, transform=transform, device=device, batch_size=batch_size)
+    return LPTImageClassifier(model, transform=transform, device=torch_device, batch_size=batch_size)
+
+
+def adapter_record(adapter: str | os.PathLike) -> dict[str, Any]:
+    """What a local adapter folder records about how it was trained, as training options.
+
+    Read from the folder only (no network): `model_name_or_path` (the base) and `num_classes` (`num_labels`) from
+    `adapter_config.json`; `image_size`, `resize_size`, `mean`, `std` from `preprocessor_config.json`; `dataset` and
+    the data-set options (`lpt_data`) from the model card's metadata. Absent facts are left out.
+    `examples/evaluate_lpt.py` uses them as its defaults.
+
+    Example:
+
+    ```python
+    >>> adapter_record("outputs/demo/phase2")
+    {'model_name_or_path': 'demo', 'image_size': 56, 'resize_size': 64, 'mean': [...], 'std': [...],
+     'dataset': 'fashion_mnist_lt', ...}
+    ```
+    """
+    from huggingface_hub import ModelCard
+
+    folder = Path(adapter)
+    record: dict[str, Any] = {}
+    config_file = folder / "adapter_config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        if config.get("base_model_name_or_path"):
+            record["model_name_or_path"] = config["base_model_name_or_path"]
+        if config.get("num_labels"):
+            record["num_classes"] = int(config["num_labels"])  # the class count of a synthetic data set
+    transform = load_preprocessing(folder) if folder.is_dir() else None
+    if transform is not None:
+        record.update(image_size=transform.image_size, resize_size=transform.resize_size)
+        record.update(mean=list(transform.mean), std=list(transform.std))
+    card_file = folder / "README.md"
+    if card_file.is_file():
+        metadata = ModelCard.load(card_file).data.to_dict()
+        datasets = metadata.get("datasets") or []
+        if len(datasets) == 1:
+            record["dataset"] = datasets[0]
+        if isinstance(metadata.get("lpt_data"), Mapping):
+            record.update({k: v for k, v in metadata["lpt_data"].items() if v is not None})
+    return record

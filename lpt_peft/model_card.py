@@ -14,6 +14,12 @@ and the exact lines to load and run it, `import lpt_peft` first. Optional facts 
 | `repo_id` | str | the adapter id shown in the code instead of a placeholder |
 | `preprocessing` | dict | `image_size`, `resize_size`, `mean`, `std` |
 | `notes` | str or list of str | extra bullet points (e.g. provenance) |
+| `data` | dict | data-set options that rebuild the test split (e.g. `max_test_per_class`); metadata `lpt_data` |
+| `adapters` | dict | `{adapter_name: {key: value}}`: facts of one adapter, over the shared ones above |
+
+Each adapter folder's card describes the adapter stored there (its phase, classes, sizes); the base is written as a
+Hub id, a built-in backbone name (`demo`, `tiny-random`) or an absolute path, never as a path relative to the
+directory the model was saved from.
 
 The LPT part of the card sits between two HTML comments and is rewritten on every save; text outside them is kept.
 peft's empty template is replaced by the LPT card on the first save.
@@ -41,6 +47,8 @@ _CARD_INFO_KEYS = {
     "repo_id",
     "preprocessing",
     "notes",
+    "data",
+    "adapters",
 }
 _GROUPING = {
     "standard": "many-shot > 100 training images, medium-shot 20-100, few-shot < 20 (the standard split)",
@@ -57,23 +65,41 @@ _CITATION = """```bibtex
 ```"""
 
 
+def looks_like_hub_id(name: str | None) -> bool:
+    """True when `name` has the shape of a Hub model id (`name` or `owner/name`); says nothing of whether it exists."""
+    return bool(name) and _HUB_ID.fullmatch(name) is not None
+
+
 def _looks_like_hub_id(name: str | None) -> bool:
-    return bool(name) and _HUB_ID.fullmatch(name) is not None and not os.path.exists(name)
+    return looks_like_hub_id(name) and not os.path.exists(name)
 
 
-def _card_info(tuner) -> dict[str, Any]:
+def card_base_reference(base: str | None) -> str | None:
+    """The base as a card may record it: a built-in name or Hub id as is, an existing local path made absolute."""
+    from .backbones import BUILTIN_BACKBONES
+
+    if not base or base in BUILTIN_BACKBONES or not os.path.exists(base):
+        return base
+    return os.path.abspath(base)
+
+
+def _card_info(tuner, adapter_name: str) -> dict[str, Any]:
     info = getattr(tuner, "card_info", None)
     if info is None:
         return {}
     if not isinstance(info, Mapping):
         raise TypeError(f"base_model.card_info must be a dict, got {type(info).__name__}.")
-    unknown = sorted(set(info) - _CARD_INFO_KEYS)
+    per_adapter = info.get("adapters") or {}
+    if not isinstance(per_adapter, Mapping) or not all(isinstance(v, Mapping) for v in per_adapter.values()):
+        raise TypeError("base_model.card_info['adapters'] must map adapter names to dicts of card facts.")
+    merged = {**{k: v for k, v in info.items() if k != "adapters"}, **per_adapter.get(adapter_name, {})}
+    unknown = sorted(set(merged) - _CARD_INFO_KEYS)
     if unknown:
         warnings.warn(
             f"card_info keys {unknown} are not used by the LPT model card (known: {sorted(_CARD_INFO_KEYS)}).",
             stacklevel=4,
         )
-    return {k: v for k, v in info.items() if v is not None}
+    return {k: v for k, v in merged.items() if v is not None}
 
 
 def _results_markdown(info: Mapping[str, Any], phase: int) -> str | None:
@@ -114,10 +140,26 @@ def _preprocessing_line(info: Mapping[str, Any], image_size: int | None) -> str:
     )
 
 
+def _data_lines(info: Mapping[str, Any]) -> list[str]:
+    lines = [f"- Data set: {info['dataset']}"] if info.get("dataset") else []
+    if isinstance(info.get("data"), Mapping) and info["data"]:
+        options = ", ".join(f"{k}={v}" for k, v in info["data"].items())
+        lines.append(f"- Data set options (`examples/evaluate_lpt.py` reuses them): {options}")
+    return lines
+
+
+def _classes_line(config) -> str:
+    if not config.id2label:
+        return f"- Classes: {config.num_labels}"
+    names = ", ".join(list(config.id2label.values())[:8]) + (", ..." if config.num_labels > 8 else "")
+    return f"- Classes: {config.num_labels} ({names})"
+
+
 def _section(peft_model, config, info: Mapping[str, Any], with_title: bool) -> list[str]:
     tuner = peft_model.base_model
     base_class = type(tuner.model).__name__
-    base = info.get("base_model") or config.base_model_name_or_path or "<path or Hub id of the base ViT>"
+    base = card_base_reference(info.get("base_model") or config.base_model_name_or_path)
+    base = base or "<path or Hub id of the base ViT>"
     repo = info.get("repo_id") or "<this repo id or folder>"
     dataset = info.get("dataset")
     image_size = getattr(getattr(tuner.model, "config", None), "image_size", None)
@@ -174,16 +216,10 @@ def _section(peft_model, config, info: Mapping[str, Any], with_title: bool) -> l
         f"- Base model: `{base}` ({base_class}, hidden size {config.hidden_size}, {config.num_hidden_layers} layers), "
         "frozen",
     ]
-    if dataset:
-        lines.append(f"- Data set: {dataset}")
+    lines += _data_lines(info)
     lines += [
         f"- Phase {config.phase}: {phase_text}",
-        f"- Classes: {config.num_labels}"
-        + (
-            f" ({', '.join(list(config.id2label.values())[:8])}{', ...' if config.num_labels > 8 else ''})"
-            if config.id2label
-            else ""
-        ),
+        _classes_line(config),
         f"- Prompts: {config.prompt_length} shared per layer; {config.num_groups} groups x "
         f"{config.group_prompt_length} prompts for layers {config.shared_layers + 1}..{config.num_hidden_layers}; "
         f"top-{config.top_k} groups averaged per image",
@@ -195,17 +231,23 @@ def _section(peft_model, config, info: Mapping[str, Any], with_title: bool) -> l
     notes = info.get("notes")
     for note in [notes] if isinstance(notes, str) else list(notes or []):
         lines.append(f"- {note}")
-    results = _results_markdown(info, config.phase)
-    if results:
-        lines += ["", f"{h} Results", "", results]
-        grouping = info.get("grouping")
-        if grouping in _GROUPING:
-            lines += ["", f"Shot groups by training images per class: {_GROUPING[grouping]}."]
+    lines += _results_lines(info, config.phase, h)
     lines += ["", f"{h} Citation", "", _CITATION, _END_MARKER]
     return lines
 
 
-def _clean_metadata(card: ModelCard, base: str | None, dataset: str | None, has_results: bool) -> None:
+def _results_lines(info: Mapping[str, Any], phase: int, h: str) -> list[str]:
+    results = _results_markdown(info, phase)
+    if not results:
+        return []
+    lines = ["", f"{h} Results", "", results]
+    if info.get("grouping") in _GROUPING:
+        lines += ["", f"Shot groups by training images per class: {_GROUPING[info['grouping']]}."]
+    return lines
+
+
+def _clean_metadata(card: ModelCard, base: str | None, info: Mapping[str, Any], has_results: bool) -> None:
+    dataset = info.get("dataset")
     tags = {t for t in (card.data.get("tags") or []) if not str(t).startswith("base_model:adapter:")}
     tags |= {"lpt", "long-tailed", "prompt-tuning", "image-classification", "vision"}
     # The Hub rejects a `base_model` that is not a Hub id, and peft writes whatever path the base came from.
@@ -218,12 +260,19 @@ def _clean_metadata(card: ModelCard, base: str | None, dataset: str | None, has_
     card.data["pipeline_tag"] = "image-classification"
     if dataset:
         card.data["datasets"] = [dataset]
+    if isinstance(info.get("data"), Mapping):
+        card.data["lpt_data"] = dict(info["data"])  # machine-readable: examples/evaluate_lpt.py rebuilds the split
     if has_results:
         card.data["metrics"] = sorted(set(card.data.get("metrics") or []) | {"accuracy"})
 
 
-def add_lpt_section(peft_model, card_path: str) -> None:
-    """Write (or refresh) the LPT part of the model card at `card_path` for the active adapter of `peft_model`.
+def add_lpt_section(peft_model, card_path: str, adapter_name: str | None = None) -> None:
+    """Write (or refresh) the LPT part of the model card at `card_path` for one adapter of `peft_model`.
+
+    Args:
+        peft_model: The `PeftModel`.
+        card_path: The `README.md` of the folder that holds the adapter's weights.
+        adapter_name: The adapter stored in that folder (default: the active adapter).
 
     Example:
 
@@ -234,8 +283,9 @@ def add_lpt_section(peft_model, card_path: str) -> None:
     ```
     """
     tuner = peft_model.base_model
-    config = peft_model.peft_config[peft_model.active_adapter]
-    info = _card_info(tuner)
+    adapter_name = adapter_name or peft_model.active_adapter
+    config = peft_model.peft_config[adapter_name]
+    info = _card_info(tuner, adapter_name)
 
     card = ModelCard.load(card_path)
     text = card.text
@@ -256,6 +306,6 @@ def add_lpt_section(peft_model, card_path: str) -> None:
 
     lines = _section(peft_model, config, info, with_title)
     card.text = before + "\n".join(lines) + after.rstrip() + "\n"
-    base = info.get("base_model") or config.base_model_name_or_path
-    _clean_metadata(card, base, info.get("dataset"), bool(_results_markdown(info, config.phase)))
+    base = card_base_reference(info.get("base_model") or config.base_model_name_or_path)
+    _clean_metadata(card, base, info, bool(_results_markdown(info, config.phase)))
     card.save(card_path)

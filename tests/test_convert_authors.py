@@ -331,3 +331,120 @@ def test_example_script(authors_state, tmp_path, capsys):
         torch.testing.assert_close(
             model(pixel_values=images).logits, authors_phase2_forward(sd, images)[0], atol=1e-5, rtol=0
         )
+
+
+# ------------------------------------------------------------------ the authors' phase-1 model (no group pool)
+def authors_phase1_forward(sd, images):
+    """Shared prompts in every layer, final norm, CLS, cosine head: the authors' phase-1 PromptModels."""
+    shared = sd["prompt_learner.Prompt_Tokens"]
+    feature = timm_features(sd, images, [shared[i].expand(len(images), -1, -1) for i in range(L)])
+    return F.normalize(feature, dim=-1) @ F.normalize(sd["prompt_learner.head.weight"], dim=0)
+
+
+def phase1_state(authors_state):
+    sd, images = authors_state
+    return {
+        k: v for k, v in sd.items() if k not in ("prompt_learner.Prompt_Tokens_pool", "prompt_learner.Prompt_Keys")
+    }
+
+
+def test_phase1_checkpoint_becomes_a_phase1_adapter(authors_state, tmp_path):
+    sd1, images = phase1_state(authors_state), authors_state[1]
+    save_checkpoint(tmp_path / "p1.pth", sd1)
+    result = convert_authors_checkpoint(
+        tmp_path / "p1.pth", tmp_path / "base", tmp_path / "adapter", num_attention_heads=HEADS
+    )
+    assert result.phase == 1
+    base = ViTModel.from_pretrained(tmp_path / "base", add_pooling_layer=False)
+    model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    config = model.peft_config["default"]
+    # The pool is the paper's for phase-2 training (K = L // 2, 20 groups x 10), not read from the file.
+    assert (config.phase, config.prompt_length, config.num_labels) == (1, P, C)
+    assert (config.shared_layers, config.num_groups, config.group_prompt_length) == (L // 2, 20, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(pixel_values=images).logits, authors_phase1_forward(sd1, images), atol=1e-5, rtol=0
+        )
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "- Phase 1: shared prompts" in card and "not trained" in card
+    # Converting twice gives identical files (the untrained pool is seeded).
+    convert_authors_checkpoint(tmp_path / "p1.pth", tmp_path / "b2", tmp_path / "a2", num_attention_heads=HEADS)
+    assert (tmp_path / "a2" / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "adapter" / "adapter_model.safetensors"
+    ).read_bytes()
+
+
+def test_phase1_pool_options_and_their_checks(authors_state, tmp_path):
+    save_checkpoint(tmp_path / "p1.pth", phase1_state(authors_state))
+    model = convert_authors_checkpoint(
+        tmp_path / "p1.pth", tmp_path / "b", tmp_path / "a", num_attention_heads=HEADS,
+        shared_layers=1, num_groups=6, group_prompt_length=4,
+    ).model  # fmt: skip
+    config = model.peft_config["default"]
+    assert (config.shared_layers, config.num_groups, config.group_prompt_length) == (1, 6, 4)
+    # A phase-2 file fixes the pool: options for it are refused, before anything is written.
+    save_checkpoint(tmp_path / "p2.pth", authors_state[0])
+    with pytest.raises(ValueError, match="phase-2 model.*num_groups="):
+        convert_authors_checkpoint(
+            tmp_path / "p2.pth", tmp_path / "b2", tmp_path / "a2", num_attention_heads=HEADS, num_groups=6
+        )
+    # K must leave a layer for the group prompts.
+    with pytest.raises(ValueError, match="shared_layers"):
+        convert_authors_checkpoint(
+            tmp_path / "p1.pth", tmp_path / "b3", tmp_path / "a3", num_attention_heads=HEADS, shared_layers=L
+        )
+    assert not any((tmp_path / name).exists() for name in ("b2", "a2", "b3", "a3"))
+
+
+def test_half_a_pool_names_the_prompt_learner_not_the_vit(authors_state, tmp_path):
+    sd = dict(authors_state[0])
+    del sd["prompt_learner.Prompt_Tokens_pool"]
+    save_checkpoint(tmp_path / "half.pth", sd)
+    with pytest.raises(ValueError, match="prompt learner's key 'prompt_learner.Prompt_Tokens_pool'") as err:
+        convert_authors_checkpoint(tmp_path / "half.pth", tmp_path / "b", tmp_path / "a", num_attention_heads=HEADS)
+    assert "timm-style" not in str(err.value)
+
+
+# ------------------------------------------------------------------ nothing written unless all of it converts
+def test_a_late_error_leaves_no_folder(authors_state, tmp_path):
+    """top_k larger than the pool is only known once the prompts are read: still nothing is written."""
+    save_checkpoint(tmp_path / "c.pth", authors_state[0])
+    with pytest.raises(ValueError, match="top_k"):
+        convert_authors_checkpoint(
+            tmp_path / "c.pth", tmp_path / "b", tmp_path / "a", num_attention_heads=HEADS, top_k=M + 1
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pth"]
+
+
+def test_existing_output_is_kept_unless_overwrite(authors_state, tmp_path):
+    save_checkpoint(tmp_path / "c.pth", authors_state[0])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "mine.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not empty.*overwrite="):
+        convert_authors_checkpoint(tmp_path / "c.pth", tmp_path / "b", tmp_path / "a", num_attention_heads=HEADS)
+    assert not (tmp_path / "b").exists() and (tmp_path / "a" / "mine.txt").read_text() == "keep me"
+    convert_authors_checkpoint(
+        tmp_path / "c.pth", tmp_path / "b", tmp_path / "a", num_attention_heads=HEADS, overwrite=True
+    )
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file() and not (tmp_path / "a" / "mine.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c.pth"]  # no staging folders left
+
+
+def test_relative_output_records_an_absolute_base_and_layers_are_counted_alike(
+    authors_state, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    save_checkpoint(tmp_path / "c.pth", authors_state[0])
+    script = importlib.util.module_from_spec(
+        spec := importlib.util.spec_from_file_location(
+            "convert_example2", REPO / "examples" / "convert_authors_checkpoint.py"
+        )
+    )
+    spec.loader.exec_module(script)
+    script.main(["--checkpoint", "c.pth", "--output_dir", "converted", "--num_heads", str(HEADS)])
+    config = json.loads((tmp_path / "converted" / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "converted" / "base")
+    printed = capsys.readouterr().out
+    card = (tmp_path / "converted" / "adapter" / "README.md").read_text()
+    layers = f"layers {K + 1}..{L}"  # 1-based, in the script's output and in the card alike
+    assert layers in printed and layers in card

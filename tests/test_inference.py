@@ -216,8 +216,10 @@ def test_predict_script(saved, tmp_path, capsys):
     (folder / "c.png").write_bytes(b"corrupt")
     predict = load_script("predict")
     common = ["--adapter", str(path / "adapter"), "--base", str(path / "base"), "--device", "cpu", "--top_k", "2"]
-    with pytest.raises(SystemExit, match="c.png"):
+    with pytest.raises(SystemExit) as exit_info:
         predict.main([str(folder), *common])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "c.png" in error and "--skip_bad" in error and "Traceback" not in error
     with pytest.warns(UserWarning, match="c.png"):
         records = predict.main(
             [str(folder), *common, "--skip_bad", "--batch_size", "1",
@@ -233,8 +235,9 @@ def test_predict_script(saved, tmp_path, capsys):
     rows = list(csv.DictReader(open(tmp_path / "p.csv")))
     assert len(rows) == 5 and rows[0]["image"] == files[0] and rows[0]["rank"] == "1"
     assert rows[-1]["image"] == files[2] and rows[-1]["error"]
-    with pytest.raises(SystemExit, match="neither an image file nor a folder"):
+    with pytest.raises(SystemExit) as exit_info:
         predict.main([str(tmp_path / "missing"), *common])
+    assert exit_info.value.code == 2 and "neither an image file nor a folder" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- the model card
@@ -300,3 +303,48 @@ def test_model_card_rejects_bad_card_info(saved, tmp_path):
             model.save_pretrained(tmp_path / "b")
     finally:
         model.base_model.card_info = None
+
+
+# ---------------------------------------------------------------------------------------------- validate first
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}, [type(m) for m in module.modules()]
+
+
+def assert_unchanged(module, before):
+    state, types = before
+    after = module.state_dict()
+    assert list(after) == list(state) and [type(m) for m in module.modules()] == types
+    assert all(torch.equal(after[k], v) for k, v in state.items())
+
+
+def test_load_classifier_checks_everything_before_touching_a_passed_model(saved, tmp_path):
+    path, _ = saved
+    base = ViTModel.from_pretrained(path / "base", add_pooling_layer=False, attn_implementation="eager")
+    before = snapshot(base)
+    bad_calls = [
+        ({"batch_size": 0}, ValueError, "batch_size"),
+        ({"device": "bogus-device"}, ValueError, "Unknown device"),
+        ({"image_size": 24}, ValueError, "base model expects 16 px"),
+        ({"mean": (0.5, 0.5)}, ValueError, "mean"),
+    ]
+    for kwargs, error, message in bad_calls:
+        with pytest.raises(error, match=message):
+            load_classifier(base, path / "adapter", **kwargs)
+        assert_unchanged(base, before)
+    # An adapter folder without its weights is refused before the base is wrapped.
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(path / "adapter", broken)
+    (broken / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no adapter_model.safetensors"):
+        load_classifier(base, broken)
+    assert_unchanged(base, before)
+
+    # A base that already carries the adapter: refused, the existing PeftModel keeps every weight.
+    wrapped = PeftModel.from_pretrained(base, path / "adapter")
+    before = snapshot(wrapped)
+    for candidate, message in ((wrapped, "already a PeftModel"), (wrapped.get_base_model(), "already carries LPT")):
+        with pytest.raises(ValueError, match=message):
+            load_classifier(candidate, path / "adapter", device="cpu")
+        assert_unchanged(wrapped, before)
