@@ -300,12 +300,15 @@ class LPTModel(BaseTuner):
         for name in list(trainable):
             if name not in self.peft_config:
                 del trainable[name]
+        # An adapter without a flag is one peft is injecting right now; peft then calls `set_adapter` on the active
+        # adapters with the *new* adapter's inference mode, which must not change the existing adapters.
+        injecting = any(name not in trainable for name in self.peft_config)
         for name, config in self.peft_config.items():
             active = name in self.active_adapters
-            if inference_mode is not None:
-                trainable[name] = active and not inference_mode
-            elif name not in trainable:
+            if name not in trainable:
                 trainable[name] = active and not config.inference_mode
+            elif inference_mode is not None and not injecting:
+                trainable[name] = active and not inference_mode
         for name, config in self.peft_config.items():
             self._apply_phase_rules(name, config.phase, self._lpt_enabled and trainable[name])
 
@@ -392,6 +395,21 @@ class LPTModel(BaseTuner):
         return self.model
 
     # ------------------------------------------------------------------ forward
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        """Refuse peft's mixed-adapter batches (`adapter_names=`), which `PeftModel.forward` would otherwise drop.
+
+        Raises:
+            ValueError: If `adapter_names` is passed.
+        """
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                "LPT does not support mixed-adapter batches (`adapter_names=...`): each LPT adapter has its own "
+                "classifier and phase-2 group selection, so one forward runs one adapter. Call "
+                "`model.set_adapter(name)` and run each adapter's images separately."
+            )
+        yield
+
     def _forward(
         self,
         pixel_values: torch.Tensor | None = None,
