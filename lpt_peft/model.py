@@ -466,11 +466,12 @@ class LPTModel(BaseTuner):
                 attention._lpt_expected = None
 
         def run(stack, hidden, last_of_pass=True, record=True, **layer_kwargs):
-            if any(_is_checkpointing(layer) for layer in stack) and not hidden.requires_grad:
+            if not hidden.requires_grad and _checkpointing_trainable(stack):
                 # Reentrant checkpointing gives a layer's output a gradient path only if one of its inputs needs
                 # gradient; the frozen embeddings (and, in phase 2, the frozen first layers) give none, which would
                 # leave every prompt inside the checkpointed layers without gradient. Anchor the input, as peft's
-                # `enable_input_require_grads` does, so this holds without the user having to call it.
+                # `enable_input_require_grads` does, so this holds without the user having to call it (and without
+                # backpropagating through phase 2's frozen first layers, which hold nothing to train).
                 hidden = hidden.detach().requires_grad_()
             for i, layer in enumerate(stack):
                 if cls_only and last_of_pass and i == len(stack) - 1:
@@ -522,6 +523,13 @@ def _is_checkpointing(layer: nn.Module) -> bool:
     return bool(getattr(layer, "gradient_checkpointing", False)) and layer.training and torch.is_grad_enabled()
 
 
+def _checkpointing_trainable(stack) -> bool:
+    """Whether some layer of `stack` is checkpointed in this call and some layer holds a weight that trains."""
+    return any(_is_checkpointing(layer) for layer in stack) and any(
+        param.requires_grad for layer in stack for param in layer.parameters()
+    )
+
+
 @contextmanager
 def _own_checkpointing_off(layer: nn.Module):
     previous = layer.gradient_checkpointing
@@ -540,8 +548,14 @@ def _checkpointed_layer_call(layer: nn.Module, hidden: torch.Tensor, mask, layer
     class-token-only last layer attends to) would be backpropagated through twice (an error) or not at all. Here the
     layer runs inside the layer's own checkpoint function (same `use_reentrant` and options), those tensors passed
     positionally, with the layer's built-in checkpointing switched off for that call (including the recomputation).
+    A layer with nothing to backpropagate runs without checkpointing.
     """
     tracked = [k for k, v in layer_kwargs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    if not (hidden.requires_grad or tracked or any(p.requires_grad for p in layer.parameters())):
+        # Nothing to backpropagate (phase 2's frozen first layers): no graph is kept, so there is nothing to save by
+        # checkpointing, and reentrant checkpointing would warn that no input requires grad.
+        with _own_checkpointing_off(layer):
+            return layer(hidden, mask, **layer_kwargs)
     if not tracked:
         return layer(hidden, mask, **layer_kwargs)
     fixed = {k: v for k, v in layer_kwargs.items() if k not in tracked}
