@@ -77,7 +77,8 @@ NOT_APPLICABLE = {
     "generate / past_key_values / prompt-learning (virtual tokens) checks": "image classifier without generation "
     "or word embeddings",
     "quantized bases (bnb, GPTQ, AWQ, HQQ, torchao), ephemeral GPU offload, device_map offloading": "no quantized "
-    "Linear adapter layers; LPT runs its own forward and refuses device_map sharding (test_lpt_model.py)",
+    "Linear adapter layers; LPT runs its own two-pass forward on one device and refuses a forward already "
+    "replaced by accelerate's device_map hooks",
     "hotswap_adapter": "peft implements it for LoRA only",
     "inject_adapter_in_model": "peft refuses tuners whose weights live on the tuner (uses_shared_state); tested below",
     "tied weights / ensure_weight_tying": "LPT adapts no embedding or output matrix",
