@@ -44,7 +44,8 @@ class LPTAttention(nn.Module, LPTLayer):
     Per adapter, the layer holds its shared prompts `lpt_shared_prompt[name]` of shape `(prompt_length, hidden)` and,
     for layers after `shared_layers`, its slice of the group pool `lpt_group_prompt[name]` of shape
     `(num_groups, group_prompt_length, hidden)`. Which groups an image uses is decided by [`LPTModel`], which passes
-    `lpt_group_indices` of shape `(batch, top_k)` through the layer call.
+    `lpt_group_indices` of shape `(batch, top_k)` through the layer call. `in_features` / `out_features` are the widths
+    the wrapped attention maps between (both `hidden`), as peft's tuner layers expose them.
 
     Args:
         base_layer: The attention module being wrapped (e.g. `ViTAttention`, `CLIPAttention`).
@@ -90,6 +91,10 @@ class LPTAttention(nn.Module, LPTLayer):
         self._norm = (norm,)
         self.layer_idx = layer_idx
         self.attention_spec = spec
+        # peft's tuner-layer contract (used e.g. by `get_layer_status`): the widths the wrapped module maps between.
+        # An attention block maps `hidden` features to `hidden` features; None if a projection is not Linear-like.
+        self.in_features = getattr(spec.projection(base_layer, "query"), "in_features", None)
+        self.out_features = getattr(spec.projection(base_layer, "output"), "out_features", None)
         self.lpt_shared_prompt = nn.ParameterDict()
         self.lpt_group_prompt = nn.ParameterDict()
         self.frozen_peft_weight_names = {}
@@ -116,8 +121,9 @@ class LPTAttention(nn.Module, LPTLayer):
 
     def _base_device_and_dtype(self) -> tuple[torch.device, torch.dtype]:
         weight = self.attention_spec.projection(self.base_layer, "key").weight
-        # Prompts stay in float32 under a half-precision backbone, as peft keeps adapter weights (autocast handles it).
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        # peft's contract: adapter weights take the base layer's dtype; `PeftModel` then calls the tuner's
+        # `_cast_adapter_dtype`, which upcasts half precision to float32 unless `autocast_adapter_dtype=False`.
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         return weight.device, dtype
 
     def set_phase(self, adapter_name: str, phase: int) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,7 +98,6 @@ class LPTModel(BaseTuner):
     target_module_mapping: dict[str, list[str]] = {}
     uses_shared_state: bool = True
     _lpt_enabled: bool = True
-    _lpt_inference_mode: bool = False
 
     def __init__(self, model: nn.Module, peft_config, adapter_name: str, **kwargs: Any) -> None:
         # BaseTuner.__init__ adds the new config to a `peft_config` it finds on the model (the dict of a tuner already
@@ -169,12 +170,30 @@ class LPTModel(BaseTuner):
         if "lpt_keys" not in self._modules:
             self.lpt_keys = nn.ParameterDict()
             self.lpt_head = nn.ParameterDict()
-        device = next(encoder.parameters()).device
+        weight = next(p for p in encoder.parameters() if p.is_floating_point())
+        # The backbone's dtype, as for the prompts (peft's contract); `_cast_adapter_dtype` upcasts half precision.
+        device, dtype = weight.device, weight.dtype
         keys = _trunc_normal((config.num_groups, config.hidden_size), config.prompt_init_std)
         head = torch.randn(config.hidden_size, config.num_labels)
         head = head / head.norm(dim=0, keepdim=True)  # every class starts as a random unit vector
-        self.lpt_keys[adapter_name] = nn.Parameter(keys.to(device))
-        self.lpt_head[adapter_name] = nn.Parameter(head.to(device))
+        self.lpt_keys[adapter_name] = nn.Parameter(keys.to(device=device, dtype=dtype))
+        self.lpt_head[adapter_name] = nn.Parameter(head.to(device=device, dtype=dtype))
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """Upcast `adapter_name`'s half-precision weights to float32, unless `autocast_adapter_dtype=False`.
+
+        peft calls this after creating an adapter (`get_peft_model`, `add_adapter`, `load_adapter`, `from_pretrained`).
+        Its own cast reaches the prompts (they live in tuner layers); the keys and the head live on the tuner, so they
+        are cast here. With `autocast_adapter_dtype=False` every adapter weight keeps the backbone's dtype.
+        """
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        if autocast_adapter_dtype and "lpt_keys" in self._modules:
+            for container in (self.lpt_keys, self.lpt_head):
+                param = container[adapter_name] if adapter_name in container else None
+                if param is not None and param.is_floating_point() and param.element_size() < 4:
+                    container[adapter_name] = nn.Parameter(param.detach().to(torch.float32))
+        # peft's cast re-creates the parameters it upcasts (all requiring grad): re-apply the phase rules.
+        self._update_requires_grad()
 
     def _remove_tuner_weights(self, adapter_name: str) -> None:
         for name in ("lpt_keys", "lpt_head"):
@@ -264,24 +283,67 @@ class LPTModel(BaseTuner):
         self._update_requires_grad()
 
     def _update_requires_grad(self, inference_mode: bool | None = None) -> None:
-        """Apply the phase rules: only what the phase trains requires grad, and nothing of inactive adapters."""
-        if inference_mode is not None:  # remembered, so a later set_phase or disable/enable keeps it
-            self._lpt_inference_mode = inference_mode
-        inference_mode = self._lpt_inference_mode
-        layers = self._lpt_layers()
+        """Apply each adapter's trainability under the phase rules.
+
+        Every adapter carries a trainable flag; what it makes trainable depends on its phase: phase 1 trains the shared
+        prompts and the head, phase 2 the group prompts, the keys and the head. A new adapter starts trainable if it is
+        active and not in inference mode (`is_trainable=False`), frozen otherwise; adding another adapter, switching
+        phase or disabling and re-enabling adapters keeps the flags. While adapters are disabled nothing trains.
+
+        Args:
+            inference_mode: Given by `set_adapter`: the active adapters become trainable unless it is True, all others
+                frozen (peft's rule for `set_adapter`).
+        """
+        trainable = self.__dict__.setdefault("_lpt_trainable", {})
+        for name in list(trainable):
+            if name not in self.peft_config:
+                del trainable[name]
+        # An adapter without a flag is one peft is injecting right now; peft then calls `set_adapter` on the active
+        # adapters with the *new* adapter's inference mode, which must not change the existing adapters.
+        injecting = any(name not in trainable for name in self.peft_config)
         for name, config in self.peft_config.items():
-            trainable = (
-                self._lpt_enabled and name in self.active_adapters and not (inference_mode or config.inference_mode)
-            )
-            phase_two = config.phase == 2
-            for layer in layers:
-                if name in layer.lpt_shared_prompt:
-                    layer.lpt_shared_prompt[name].requires_grad_(trainable and not phase_two)
-                if name in layer.lpt_group_prompt:
-                    layer.lpt_group_prompt[name].requires_grad_(trainable and phase_two)
-            if name in self.lpt_keys:
-                self.lpt_keys[name].requires_grad_(trainable and phase_two)
-                self.lpt_head[name].requires_grad_(trainable)
+            active = name in self.active_adapters
+            if name not in trainable:
+                trainable[name] = active and not config.inference_mode
+            elif inference_mode is not None and not injecting:
+                trainable[name] = active and not inference_mode
+        for name, config in self.peft_config.items():
+            self._apply_phase_rules(name, config.phase, self._lpt_enabled and trainable[name])
+
+    def _apply_phase_rules(self, adapter_name: str, phase: int, trainable: bool) -> None:
+        """requires_grad of all weights of one adapter: what `phase` trains follows `trainable`, the rest is frozen."""
+        for layer in self._lpt_layers():
+            if adapter_name in layer.lpt_shared_prompt:
+                layer.lpt_shared_prompt[adapter_name].requires_grad_(trainable and phase == 1)
+            if adapter_name in layer.lpt_group_prompt:
+                layer.lpt_group_prompt[adapter_name].requires_grad_(trainable and phase == 2)
+        if "lpt_keys" in self._modules and adapter_name in self.lpt_keys:
+            self.lpt_keys[adapter_name].requires_grad_(trainable and phase == 2)
+            self.lpt_head[adapter_name].requires_grad_(trainable)
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Make the given adapter(s) trainable or frozen; reached through `PeftModel.set_requires_grad`.
+
+        peft's version only reaches weights inside tuner layers, which would leave LPT's head and keys (held by the
+        tuner) as they were. Here the whole adapter follows, within its phase's rules: enabling a phase-1 adapter
+        trains its shared prompts and head, a phase-2 adapter its group prompts, keys and head. The choice is kept
+        across `set_phase`, `add_adapter` and `disable_adapter` (while adapters are disabled, nothing trains).
+
+        Args:
+            adapter_names: One adapter name or several.
+            requires_grad: True to make them trainable, False to freeze them.
+
+        Raises:
+            ValueError: If a name is not an adapter of this model (nothing is changed).
+        """
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"No LPT adapter named {unknown}; available: {sorted(self.peft_config)}.")
+        self._update_requires_grad()  # flags for adapters peft has just added
+        for name in names:
+            self._lpt_trainable[name] = bool(requires_grad)
+        self._update_requires_grad()
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         super()._mark_only_adapters_as_trainable(model)
@@ -340,6 +402,21 @@ class LPTModel(BaseTuner):
         return self.model
 
     # ------------------------------------------------------------------ forward
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        """Refuse peft's mixed-adapter batches (`adapter_names=`), which `PeftModel.forward` would otherwise drop.
+
+        Raises:
+            ValueError: If `adapter_names` is passed.
+        """
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                "LPT does not support mixed-adapter batches (`adapter_names=...`): each LPT adapter has its own "
+                "classifier and phase-2 group selection, so one forward runs one adapter. Call "
+                "`model.set_adapter(name)` and run each adapter's images separately."
+            )
+        yield
+
     def _forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -384,16 +461,25 @@ class LPTModel(BaseTuner):
         feature_index = 0 if cls_only else cls
 
         def call(layer, hidden, layer_mask, **layer_kwargs):
-            # LPT's per-call inputs travel as keyword arguments through the layer to its attention (safe under
-            # gradient checkpointing); the attention checks that they arrived.
+            # LPT's per-call inputs travel as keyword arguments through the layer to its attention; the attention
+            # checks that they arrived.
             attention = layer.get_submodule(architecture.attention_attr)
             attention._lpt_expected = {k for k in ("lpt_context", "lpt_group_indices") if k in layer_kwargs}
             try:
+                if _is_checkpointing(layer):
+                    return _checkpointed_layer_call(layer, hidden, layer_mask, layer_kwargs)
                 return layer(hidden, layer_mask, **layer_kwargs)
             finally:
                 attention._lpt_expected = None
 
         def run(stack, hidden, last_of_pass=True, record=True, **layer_kwargs):
+            if not hidden.requires_grad and _checkpointing_trainable(stack):
+                # Reentrant checkpointing gives a layer's output a gradient path only if one of its inputs needs
+                # gradient; the frozen embeddings (and, in phase 2, the frozen first layers) give none, which would
+                # leave every prompt inside the checkpointed layers without gradient. Anchor the input, as peft's
+                # `enable_input_require_grads` does, so this holds without the user having to call it (and without
+                # backpropagating through phase 2's frozen first layers, which hold nothing to train).
+                hidden = hidden.detach().requires_grad_()
             for i, layer in enumerate(stack):
                 if cls_only and last_of_pass and i == len(stack) - 1:
                     row = hidden[:, cls : cls + 1]
@@ -437,6 +523,55 @@ class LPTModel(BaseTuner):
             hidden_states=tuple(states) if states is not None else None,
         )
         return output if return_dict is not False else output.to_tuple()
+
+
+def _is_checkpointing(layer: nn.Module) -> bool:
+    """Whether transformers' `GradientCheckpointingLayer` will checkpoint this call of `layer` (its own condition)."""
+    return bool(getattr(layer, "gradient_checkpointing", False)) and layer.training and torch.is_grad_enabled()
+
+
+def _checkpointing_trainable(stack) -> bool:
+    """Whether some layer of `stack` is checkpointed in this call and some layer holds a weight that trains."""
+    return any(_is_checkpointing(layer) for layer in stack) and any(
+        param.requires_grad for layer in stack for param in layer.parameters()
+    )
+
+
+@contextmanager
+def _own_checkpointing_off(layer: nn.Module):
+    previous = layer.gradient_checkpointing
+    layer.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        layer.gradient_checkpointing = previous
+
+
+def _checkpointed_layer_call(layer: nn.Module, hidden: torch.Tensor, mask, layer_kwargs: dict[str, Any]):
+    """Checkpoint `layer(hidden, mask, **layer_kwargs)` with every tensor that needs gradient as a positional input.
+
+    transformers' `GradientCheckpointingLayer` checkpoints `partial(forward, **kwargs)`, and reentrant checkpointing
+    (`use_reentrant=True`) does not track tensors held by that partial: `lpt_context` (the full sequence that the
+    class-token-only last layer attends to) would be backpropagated through twice (an error) or not at all. Here the
+    layer runs inside the layer's own checkpoint function (same `use_reentrant` and options), those tensors passed
+    positionally, with the layer's built-in checkpointing switched off for that call (including the recomputation).
+    A layer with nothing to backpropagate runs without checkpointing.
+    """
+    tracked = [k for k, v in layer_kwargs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    if not (hidden.requires_grad or tracked or any(p.requires_grad for p in layer.parameters())):
+        # Nothing to backpropagate (phase 2's frozen first layers): no graph is kept, so there is nothing to save by
+        # checkpointing, and reentrant checkpointing would warn that no input requires grad.
+        with _own_checkpointing_off(layer):
+            return layer(hidden, mask, **layer_kwargs)
+    if not tracked:
+        return layer(hidden, mask, **layer_kwargs)
+    fixed = {k: v for k, v in layer_kwargs.items() if k not in tracked}
+
+    def body(hidden, *values):
+        with _own_checkpointing_off(layer):
+            return layer(hidden, mask, **fixed, **dict(zip(tracked, values)))
+
+    return layer._gradient_checkpointing_func(body, hidden, *(layer_kwargs[k] for k in tracked))
 
 
 def _query_rows(mask, row: int):
