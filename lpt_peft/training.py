@@ -914,6 +914,10 @@ def run_training(args: LPTTrainingArguments, data: LongTailDataset | None = None
             "mean": list(args.mean),
             "std": list(args.std),
         },
+        # The options that rebuild the evaluation split: `evaluate_lpt.py --adapter DIR` evaluates what was reported.
+        "data": {
+            k: getattr(args, k) for k in ("n_max", "imbalance", "data_seed", "val_per_class", "max_test_per_class")
+        },
         **({"repo_id": args.hub_model_id} if args.hub_model_id else {}),
     }
     install_adapter_only_checkpointing(accelerator)
