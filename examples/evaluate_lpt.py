@@ -15,10 +15,10 @@ import json
 import sys
 
 from lpt_peft.cli import TRAINING_FLAGS, LPTUsageError, cli_entry
+from lpt_peft.evaluation.metrics import format_results_table
 from lpt_peft.inference import adapter_record
-from lpt_peft.metrics import format_results_table
-from lpt_peft.training import evaluate_adapter
-from lpt_peft.training_args import DATASETS, LPTTrainingArguments, parse_training_args
+from lpt_peft.training.arguments import DATASETS, LPTTrainingArguments, parse_training_args
+from lpt_peft.training.run import evaluate_adapter
 
 # Options that change which images form the splits and the shot groups (beyond the data set's name).
 DATA_OPTIONS = ("n_max", "imbalance", "data_seed", "val_per_class", "max_test_per_class")

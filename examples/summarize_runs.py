@@ -4,7 +4,7 @@ import json
 import sys
 
 from lpt_peft.cli import LPTUsageError, cli_entry
-from lpt_peft.reports import summarize_runs, summary_table
+from lpt_peft.evaluation.reports import summarize_runs, summary_table
 
 
 @cli_entry()

@@ -7,7 +7,7 @@
     accelerate launch --multi_gpu --num_processes 8 examples/train_lpt.py --config configs/places_lt.yaml
 
 Every option can be set in the YAML file or on the command line (`--help` lists them). The logic lives in
-`lpt_peft.training`. A bad option or missing data prints `error: <message>` and exits with status 2 (`LPT_DEBUG=1`
+`lpt_peft.training.run`. A bad option or missing data prints `error: <message>` and exits with status 2 (`LPT_DEBUG=1`
 for a traceback); under `accelerate launch` the launcher then adds its own CalledProcessError traceback, which
 `accelerate launch --quiet` leaves out.
 """
@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 from lpt_peft.cli import TRAINING_FLAGS, cli_entry
-from lpt_peft.training import run_training
-from lpt_peft.training_args import parse_training_args
+from lpt_peft.training.arguments import parse_training_args
+from lpt_peft.training.run import run_training
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_fashion_mnist.yaml"
 

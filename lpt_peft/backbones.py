@@ -47,7 +47,7 @@ def load_backbone(name_or_path: str, image_size: int = 224, attn_implementation:
     """
     if name_or_path in BUILTIN_BACKBONES:
         if name_or_path == "demo":
-            from .pretrained import load_demo_backbone
+            from lpt_peft.interop.demo_backbone import load_demo_backbone
 
             model = load_demo_backbone(image_size=image_size)
             model.config._attn_implementation = attn_implementation
@@ -60,7 +60,7 @@ def load_backbone(name_or_path: str, image_size: int = 224, attn_implementation:
     import transformers
     from transformers import AutoConfig
 
-    from .architectures import supported_model_classes
+    from lpt_peft.tuner.architectures import supported_model_classes
 
     config = AutoConfig.from_pretrained(name_or_path)
     supported = set(supported_model_classes())

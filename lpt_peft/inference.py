@@ -29,7 +29,7 @@ import PIL.Image
 import torch
 from torch import nn
 
-from .data.transforms import LPTImageTransform, decode_image
+from lpt_peft.data.transforms import LPTImageTransform, decode_image
 
 __all__ = [
     "PREPROCESSOR_FILE",
@@ -207,7 +207,7 @@ class LPTImageClassifier:
         batch_size: int = 32,
         logit_scale: float | None = None,
     ) -> None:
-        from .config import LPTConfig
+        from lpt_peft.tuner.config import LPTConfig
 
         config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
         if not isinstance(config, LPTConfig):
@@ -268,7 +268,7 @@ class LPTImageClassifier:
             if cause is None:
                 raise
             # decode_image's advice is for data sets (verify_images); here the fix is to skip or replace the file.
-            from .cli import LPTUsageError
+            from lpt_peft.cli import LPTUsageError
 
             where = f"image file {_describe(image)}" if isinstance(image, (str, os.PathLike)) else "an image"
             reason = f"{type(cause).__name__}: {cause}".replace("{", "{{").replace("}", "}}")
@@ -404,7 +404,7 @@ def _hub_offline() -> bool:
 
 def _looks_like_path(name: str) -> bool:
     """True when `name` can only be a file-system path (a Hub id is `name` or `owner/name`, nothing more)."""
-    from .model_card import looks_like_hub_id
+    from lpt_peft.evaluation.model_card import looks_like_hub_id
 
     return os.path.isabs(name) or name.startswith(("~", ".")) or "\\" in name or not looks_like_hub_id(name)
 
@@ -423,8 +423,8 @@ def check_base_reference(base: str, recorded_in: str | None = None) -> None:
     Raises:
         LPTUsageError: naming the reference, where it came from, and `base_model=` (a script's base flag) to override.
     """
-    from .backbones import BUILTIN_BACKBONES
-    from .cli import LPTUsageError
+    from lpt_peft.backbones import BUILTIN_BACKBONES
+    from lpt_peft.cli import LPTUsageError
 
     if base in BUILTIN_BACKBONES:
         return
@@ -457,11 +457,11 @@ def check_base_reference(base: str, recorded_in: str | None = None) -> None:
 
 
 def _load_base(base: str, image_size: int | None, attn_implementation: str, dtype: torch.dtype | None) -> nn.Module:
-    from .backbones import BUILTIN_BACKBONES
-    from .cli import LPTUsageError
+    from lpt_peft.backbones import BUILTIN_BACKBONES
+    from lpt_peft.cli import LPTUsageError
 
     if base in BUILTIN_BACKBONES:
-        from .backbones import load_backbone
+        from lpt_peft.backbones import load_backbone
 
         if image_size is None:
             raise LPTUsageError(
@@ -516,7 +516,7 @@ def _check_module_base(base: nn.Module, adapter: str) -> None:
     """A loaded base must be a plain backbone: wrapping a PeftModel or a model with LPT layers would stack adapters."""
     from peft import PeftModel
 
-    from .layer import LPTAttention
+    from lpt_peft.tuner.layer import LPTAttention
 
     if isinstance(base, PeftModel):
         raise ValueError(
@@ -533,7 +533,7 @@ def _check_module_base(base: nn.Module, adapter: str) -> None:
 
 def _resolve_base(base_model, config, adapter: str, image_size, attn_implementation: str, dtype) -> nn.Module:
     """The base to load the adapter into: checked if passed, else loaded from the given or recorded reference."""
-    from .cli import LPTUsageError
+    from lpt_peft.cli import LPTUsageError
 
     if isinstance(base_model, nn.Module):
         _check_module_base(base_model, adapter)
@@ -614,8 +614,8 @@ def load_classifier(
     """
     from peft import PeftConfig, PeftModel
 
-    from .cli import LPTUsageError
-    from .config import LPTConfig
+    from lpt_peft.cli import LPTUsageError
+    from lpt_peft.tuner.config import LPTConfig
 
     adapter = os.fspath(adapter)
     _check_adapter_folder(adapter)

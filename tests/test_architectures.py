@@ -1,7 +1,7 @@
 """LPT on DeiT, DINOv2 (with and without registers) and CLIP's vision tower, against token-prompt oracles.
 
 Every oracle here is written per family from the family's own modules (embeddings, layers, final norm), without
-`lpt_peft.architectures`: prompts are inserted as real tokens after the family's prefix tokens (CLS, DeiT's
+`lpt_peft.tuner.architectures`: prompts are inserted as real tokens after the family's prefix tokens (CLS, DeiT's
 distillation token, DINOv2's registers), run through the unmodified layer, and their outputs dropped before the next
 layer (VPT-deep, the way the LPT authors run it).
 """
@@ -35,8 +35,9 @@ from transformers import (
     ViTConfig,
 )
 
-from lpt_peft import LPTAttention, LPTConfig, architectures
-from lpt_peft.architectures import (
+from lpt_peft import LPTAttention, LPTConfig
+from lpt_peft.tuner import architectures
+from lpt_peft.tuner.architectures import (
     AttentionSpec,
     LPTArchitecture,
     deit_architectures,
@@ -368,7 +369,7 @@ def test_unsupported_model_names_supported_classes_and_how_to_add_one(make, name
     assert message.startswith(f"LPT does not support {name}. Supported base models: ")
     for supported in ("CLIPVisionModel", "DeiTForImageClassification", "Dinov2Model", "ViTModel"):
         assert supported in message
-    assert "lpt_peft.architectures.register_architecture" in message and "docs/architectures.md" in message
+    assert "lpt_peft.tuner.architectures.register_architecture" in message and "docs/architectures.md" in message
 
 
 def test_wrong_entries_fail_at_get_peft_model_naming_the_field(monkeypatch):

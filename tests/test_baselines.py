@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lpt_peft.baselines import CosineProbe, evaluate_probe, train_linear_probe
+from lpt_peft.training.baselines import CosineProbe, evaluate_probe, train_linear_probe
 
 
 def clustered_features(counts, centers, seed):

@@ -14,7 +14,7 @@ from peft import PeftModel
 from transformers import ViTModel
 
 import lpt_peft  # noqa: F401  (registers LPT with peft)
-from lpt_peft.convert_authors import (
+from lpt_peft.interop.convert_authors import (
     convert_authors_checkpoint,
     load_authors_checkpoint,
     read_labels_file,

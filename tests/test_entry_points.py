@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from transformers import ViTForImageClassification
 
 from lpt_peft import LPTAttention, LPTConfig
-from lpt_peft.architectures import base_fingerprint, fingerprint_differences
+from lpt_peft.tuner.architectures import base_fingerprint, fingerprint_differences
 
 K = 2
 SMALL = {"num_labels": 3, "shared_layers": K, "num_groups": 4, "prompt_length": 3, "group_prompt_length": 2}

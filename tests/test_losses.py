@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lpt_peft.losses import (
+from lpt_peft.training.losses import (
     AGCLLoss,
     LogitAdjustedCrossEntropyLoss,
     LPTObjective,

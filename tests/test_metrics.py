@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import places_lt_split_dir
 
-from lpt_peft.metrics import (
+from lpt_peft.evaluation.metrics import (
     METRIC_SCRIPT_DIR,
     ShotAccuracyAccumulator,
     format_results_table,
@@ -19,7 +19,7 @@ from lpt_peft.metrics import (
     shot_accuracy,
     shot_groups,
 )
-from lpt_peft.plots import plot_group_usage, plot_per_class_accuracy
+from lpt_peft.evaluation.plots import plot_group_usage, plot_per_class_accuracy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -241,7 +241,7 @@ def _no_network(*args, **kwargs):
     raise RuntimeError("network access attempted")
 socket.socket.connect = _no_network
 socket.create_connection = _no_network
-from lpt_peft.metrics import load_shot_accuracy_metric
+from lpt_peft.evaluation.metrics import load_shot_accuracy_metric
 data = json.loads({json.dumps(json.dumps(payload))})
 metric = load_shot_accuracy_metric(keep_in_memory=True)
 for start in range(0, len(data["preds"]), 100):
@@ -277,8 +277,8 @@ print("RESULT" + json.dumps(out))
 def test_metric_script_ships_inside_package():
     script = METRIC_SCRIPT_DIR / "shot_accuracy.py"
     assert script.is_file()
-    assert METRIC_SCRIPT_DIR.parent.parent == Path(__file__).resolve().parents[1] / "lpt_peft"
-    assert "from lpt_peft.metrics import shot_accuracy" in script.read_text()
+    assert METRIC_SCRIPT_DIR.parents[1] == Path(__file__).resolve().parents[1] / "lpt_peft" / "evaluation"
+    assert "from lpt_peft.evaluation.metrics import shot_accuracy" in script.read_text()
 
 
 # ---------------------------------------------------------------- tables, usage

@@ -9,8 +9,8 @@ import PIL.Image
 import pytest
 
 from lpt_peft.data import load_imagefolder_lt
-from lpt_peft.training import build_dataset, log_launch, run_training
-from lpt_peft.training_args import LPTTrainingArguments
+from lpt_peft.training.arguments import LPTTrainingArguments
+from lpt_peft.training.run import build_dataset, log_launch, run_training
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
 CLASSES = ("ant", "bee", "cow")
@@ -222,7 +222,7 @@ def test_launch_log_names_world_size_global_batch_and_device(caplog, monkeypatch
     args = make_args({"dataset": "synthetic"}, gradient_accumulation_steps=2)
     accelerator = Accelerator(cpu=True)
     monkeypatch.delenv("MASTER_PORT", raising=False)
-    with caplog.at_level(logging.INFO, logger="lpt_peft.training"):
+    with caplog.at_level(logging.INFO, logger="lpt_peft.training.run"):
         log_launch(accelerator, args)
     assert "Training with 1 process(es) (world size 1) on cpu" in caplog.text
     assert "global batch 16 = 8 per process and branch x 1 process(es) x 2 accumulation step(s)" in caplog.text
@@ -230,6 +230,6 @@ def test_launch_log_names_world_size_global_batch_and_device(caplog, monkeypatch
     # What `accelerate launch --cpu --num_processes 2` exports: it asked for several processes but started one.
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
     monkeypatch.setenv("MASTER_PORT", "29500")
-    with caplog.at_level(logging.INFO, logger="lpt_peft.training"):
+    with caplog.at_level(logging.INFO, logger="lpt_peft.training.run"):
         log_launch(accelerator, args)
     assert "this run trains in ONE process" in caplog.text and "--multi_gpu --num_processes N" in caplog.text

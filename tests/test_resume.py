@@ -9,14 +9,14 @@ import pytest
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from lpt_peft.training import (
+from lpt_peft.training.arguments import LPTTrainingArguments
+from lpt_peft.training.run import (
     STATE_FILE,
     CheckpointManager,
     TrainerState,
     resume_mismatches,
     run_training,
 )
-from lpt_peft.training_args import LPTTrainingArguments
 
 SMALL = dict(
     dataset="synthetic", model_name_or_path="tiny-random", image_size=32, num_classes=6, n_max=40, imbalance=10,
@@ -111,7 +111,7 @@ def test_resume_with_another_value_is_refused_and_writes_nothing(
 
 
 def test_every_recorded_option_has_a_row():
-    from lpt_peft.training import TRAJECTORY_OPTIONS
+    from lpt_peft.training.run import TRAJECTORY_OPTIONS
 
     untested = set(TRAJECTORY_OPTIONS) - {c[0] for c in CHANGES}
     # --dataset is recorded too; another data set needs other files, so its row would test the data loaders instead.

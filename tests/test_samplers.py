@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, Dataset
 
-from lpt_peft.samplers import ClassBalancedBatchSampler, DualBatchSampler, InstanceBalancedBatchSampler
+from lpt_peft.training.samplers import ClassBalancedBatchSampler, DualBatchSampler, InstanceBalancedBatchSampler
 
 # Long-tailed: a head of 60 images down to classes with 3, 2 and 1 images (fewer than samples_per_class=4).
 COUNTS = [60, 40, 25, 15, 10, 8, 6, 5, 4, 3, 2, 1]

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from lpt_peft import LPTConfig
 from lpt_peft.backbones import tiny_random_vit
 from lpt_peft.data.synthetic import make_synthetic_long_tail
-from lpt_peft.training import check_dataset, evaluate_adapter, run_training
-from lpt_peft.training_args import LPTTrainingArguments, parse_training_args
+from lpt_peft.training.arguments import LPTTrainingArguments, parse_training_args
+from lpt_peft.training.run import check_dataset, evaluate_adapter, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = [

@@ -1,6 +1,6 @@
 """Long-tailed data sets, sampling profiles and LPT image preprocessing."""
 
-from .benchmarks import (
+from lpt_peft.data.benchmarks import (
     check_imagefolder_layout,
     check_images_decode,
     drop_unreadable_images,
@@ -13,8 +13,8 @@ from .benchmarks import (
     load_split_file_dataset,
     read_split_file,
 )
-from .fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist, load_fashion_mnist_lt, read_idx
-from .long_tail import (
+from lpt_peft.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist, load_fashion_mnist_lt, read_idx
+from lpt_peft.data.long_tail import (
     LongTailDataset,
     count_labels,
     dataset_from_uint8_arrays,
@@ -23,7 +23,7 @@ from .long_tail import (
     long_tail_counts,
     make_long_tailed,
 )
-from .transforms import LPTImageTransform, apply_transforms, collate_fn, decode_image, to_rgb
+from lpt_peft.data.transforms import LPTImageTransform, apply_transforms, collate_fn, decode_image, to_rgb
 
 __all__ = [
     "FASHION_MNIST_CLASSES",

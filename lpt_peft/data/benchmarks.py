@@ -16,8 +16,14 @@ import numpy as np
 import PIL.Image
 from datasets import load_dataset, load_from_disk
 
-from .long_tail import LongTailDataset, count_labels, dataset_from_uint8_arrays, labels_as_numpy, make_long_tailed
-from .transforms import IMAGE_DECODE_ERRORS
+from lpt_peft.data.long_tail import (
+    LongTailDataset,
+    count_labels,
+    dataset_from_uint8_arrays,
+    labels_as_numpy,
+    make_long_tailed,
+)
+from lpt_peft.data.transforms import IMAGE_DECODE_ERRORS
 
 logger = logging.getLogger(__name__)
 
@@ -592,7 +598,7 @@ def find_unreadable_images(dataset: datasets.Dataset, num_workers: int = 8) -> l
 
     Works on file paths and on in-memory bytes alike, so `verify_images` means the same for every data set.
     """
-    from .transforms import decode_image
+    from lpt_peft.data.transforms import decode_image
 
     if isinstance(dataset.features.get("image"), datasets.Image):
         dataset = dataset.cast_column("image", datasets.Image(decode=False))

@@ -9,7 +9,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from .long_tail import (
+from lpt_peft.data.long_tail import (
     LongTailDataset,
     count_labels,
     dataset_from_uint8_arrays,

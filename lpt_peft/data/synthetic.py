@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .long_tail import LongTailDataset, dataset_from_uint8_arrays, long_tail_counts
+from lpt_peft.data.long_tail import LongTailDataset, dataset_from_uint8_arrays, long_tail_counts
 
 
 def make_synthetic_long_tail(

@@ -11,8 +11,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .architectures import AttentionSpec
-from .config import LPTConfig
+from lpt_peft.tuner.architectures import AttentionSpec
+from lpt_peft.tuner.config import LPTConfig
 
 _SUPPORTED_ATTENTION = ("eager", "sdpa")
 
@@ -55,7 +55,7 @@ class LPTAttention(nn.Module, LPTLayer):
         adapter_name: Name of the first adapter.
         config: Its [`LPTConfig`].
         attention_spec: Names of the projections, scaling, dropout and head width on `base_layer`
-            ([`~lpt_peft.architectures.AttentionSpec`]); the default is the ViT layout (`q_proj`, `k_proj`,
+            ([`~lpt_peft.tuner.architectures.AttentionSpec`]); the default is the ViT layout (`q_proj`, `k_proj`,
             `v_proj`, `o_proj`, `scaling`, `attention_dropout`, `head_dim`).
 
     Example:

@@ -18,11 +18,11 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from .architectures import get_architecture
-from .losses import LPTObjective, ScaledCrossEntropyLoss
-from .metrics import shot_accuracy
-from .model import cosine_logits
-from .samplers import ClassBalancedBatchSampler, DualBatchSampler, InstanceBalancedBatchSampler
+from lpt_peft.evaluation.metrics import shot_accuracy
+from lpt_peft.training.losses import LPTObjective, ScaledCrossEntropyLoss
+from lpt_peft.training.samplers import ClassBalancedBatchSampler, DualBatchSampler, InstanceBalancedBatchSampler
+from lpt_peft.tuner.architectures import get_architecture
+from lpt_peft.tuner.model import cosine_logits
 
 PROBES = ("linear_probe_ce", "linear_probe_agcl")
 

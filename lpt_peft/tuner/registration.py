@@ -1,7 +1,7 @@
 """Registers LPT with peft, which has no public hook for methods defined outside its own package.
 
 `peft.utils.register_peft_method` only accepts names already in peft's closed `PeftType` enum, so this module writes
-the same three mapping entries that it would write, keyed by [`LptPeftType.LPT`] (a `str` enum that equals `"LPT"`,
+the same three mapping entries that it would write, keyed by [`LPTPeftType.LPT`] (a `str` enum that equals `"LPT"`,
 the value stored in `adapter_config.json`). Importing `lpt_peft` runs it; it is idempotent.
 """
 
@@ -14,8 +14,8 @@ import os
 import shutil
 import tempfile
 
-from .config import LPTConfig, LptPeftType
-from .model import LPTModel, check_adapter_names, check_injection, expected_adapter_shapes
+from lpt_peft.tuner.config import LPTConfig, LPTPeftType
+from lpt_peft.tuner.model import LPTModel, check_adapter_names, check_injection, expected_adapter_shapes
 
 _MAPPINGS = ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "PEFT_TYPE_TO_PREFIX_MAPPING")
 
@@ -30,9 +30,9 @@ def register_lpt() -> None:
             f"lpt_peft cannot register with this peft version ({peft.__version__}): peft.mapping has no {missing}. "
             "Install the supported version: pip install 'peft>=0.21,<0.22'."
         )
-    peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING[LptPeftType.LPT] = LPTConfig
-    peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING[LptPeftType.LPT] = LPTModel
-    peft.mapping.PEFT_TYPE_TO_PREFIX_MAPPING[LptPeftType.LPT] = LPTModel.prefix
+    peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING[LPTPeftType.LPT] = LPTConfig
+    peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING[LPTPeftType.LPT] = LPTModel
+    peft.mapping.PEFT_TYPE_TO_PREFIX_MAPPING[LPTPeftType.LPT] = LPTModel.prefix
     _install_model_card_section()
     _install_strict_loading_and_atomic_saving()
 
@@ -47,14 +47,14 @@ def _install_model_card_section() -> None:
         return
 
     def write_lpt_files(model, output_dir: str, adapter_name: str) -> None:
-        from .model_card import _card_info, add_lpt_section
+        from lpt_peft.evaluation.model_card import _card_info, add_lpt_section
 
         add_lpt_section(model, os.path.join(output_dir, "README.md"), adapter_name=adapter_name)
         # The evaluation preprocessing travels with the adapter (save_pretrained and push_to_hub both pass here),
         # so `lpt_peft.inference.load_classifier` feeds images the way the adapter was trained.
         preprocessing = _card_info(model.base_model, adapter_name).get("preprocessing")
         if preprocessing:
-            from .inference import save_preprocessing
+            from lpt_peft.inference import save_preprocessing
 
             save_preprocessing(output_dir, **preprocessing)
 
@@ -183,7 +183,7 @@ def _install_strict_loading_and_atomic_saving() -> None:
 
 
 def _is_lpt_base(model) -> bool:
-    from .architectures import supported_model_classes
+    from lpt_peft.tuner.architectures import supported_model_classes
 
     return type(model).__name__ in supported_model_classes()
 
@@ -192,7 +192,7 @@ def check_adapter_before_loading(model, model_id, adapter_name, config, peft_con
     """Everything loading the adapter at `model_id` into `model` needs, checked before anything changes.
 
     The config (read from `model_id` unless given, or the existing adapter's when `adapter_name` is loaded again) must
-    fit the base ([`~lpt_peft.model.check_injection`]: not already wrapped elsewhere, same backbone fingerprint, ...),
+    fit the base ([`~tuner.model.check_injection`]: not already wrapped elsewhere, same backbone fingerprint, ...),
     and the weights file must hold exactly the tensors that adapter has, with their shapes.
 
     Raises:
@@ -244,7 +244,7 @@ def _read_config(model_id, hub_kwargs) -> LPTConfig | None:
         from peft import PeftConfig
 
         try:
-            is_lpt = PeftConfig._get_peft_type(model_id, **hub_kwargs) == LptPeftType.LPT
+            is_lpt = PeftConfig._get_peft_type(model_id, **hub_kwargs) == LPTPeftType.LPT
         except Exception:  # unreachable Hub repo: peft raises its own error next
             return None
         return LPTConfig.from_pretrained(model_id, **hub_kwargs) if is_lpt else None
@@ -259,7 +259,7 @@ def _read_config(model_id, hub_kwargs) -> LPTConfig | None:
             data = json.load(file)
     except (OSError, ValueError) as err:
         raise OSError(f"Could not read the adapter config {path}: {err}. The file is damaged; save it again.") from err
-    if not isinstance(data, dict) or data.get("peft_type") != LptPeftType.LPT:
+    if not isinstance(data, dict) or data.get("peft_type") != LPTPeftType.LPT:
         return None
     return LPTConfig.from_pretrained(folder)
 
@@ -293,7 +293,7 @@ def check_adapter_weights(weights: dict, expected: dict, source: str) -> None:
 
     Args:
         weights: The state dict read from the file (peft's saved keys).
-        expected: [`~lpt_peft.model.expected_adapter_shapes`] of the adapter it is loaded into.
+        expected: [`~lpt_peft.tuner.model.expected_adapter_shapes`] of the adapter it is loaded into.
         source: The file, for the message.
     """
     missing = sorted(set(expected) - set(weights))

@@ -63,7 +63,7 @@ class AttentionSpec:
     Example:
 
     ```python
-    >>> from lpt_peft.architectures import AttentionSpec
+    >>> from lpt_peft.tuner.architectures import AttentionSpec
 
     >>> clip_attention = AttentionSpec(output_attr="out_proj", scaling_attr="scale", dropout_attr="dropout")
     ```
@@ -203,7 +203,7 @@ class LPTArchitecture:
     Example (the entry of `CLIPVisionModel`):
 
     ```python
-    >>> from lpt_peft.architectures import AttentionSpec, LPTArchitecture, register_architecture
+    >>> from lpt_peft.tuner.architectures import AttentionSpec, LPTArchitecture, register_architecture
 
     >>> entry = LPTArchitecture(
     ...     model_classes=("CLIPVisionModel",),
@@ -301,7 +301,7 @@ class LPTArchitecture:
         Example:
 
         ```python
-        >>> from lpt_peft.architectures import get_architecture
+        >>> from lpt_peft.tuner.architectures import get_architecture
 
         >>> features = get_architecture(backbone).image_features(backbone, pixel_values)  # (batch, hidden)
         ```
@@ -359,7 +359,7 @@ def deit_architectures(feature_token: str = "cls") -> list[LPTArchitecture]:
     Example:
 
     ```python
-    >>> from lpt_peft.architectures import deit_architectures, register_architecture
+    >>> from lpt_peft.tuner.architectures import deit_architectures, register_architecture
 
     >>> register_architecture(*deit_architectures("distillation"))
     ```
@@ -408,7 +408,7 @@ def register_architecture(*architectures: LPTArchitecture) -> None:
     Example:
 
     ```python
-    >>> from lpt_peft.architectures import LPTArchitecture, register_architecture
+    >>> from lpt_peft.tuner.architectures import LPTArchitecture, register_architecture
 
     >>> register_architecture(
     ...     LPTArchitecture(
@@ -428,7 +428,7 @@ def register_architecture(*architectures: LPTArchitecture) -> None:
         if not isinstance(architecture, LPTArchitecture):
             raise TypeError(
                 f"register_architecture expects LPTArchitecture entries, got {type(architecture).__name__}. Build "
-                f"one with lpt_peft.architectures.LPTArchitecture(...) (see {DOCS_HINT})."
+                f"one with lpt_peft.tuner.architectures.LPTArchitecture(...) (see {DOCS_HINT})."
             )
     ARCHITECTURES[0:0] = architectures
 
@@ -446,8 +446,8 @@ def get_architecture(model: nn.Module) -> LPTArchitecture:
     raise TypeError(
         f"LPT does not support {name}. Supported base models: {', '.join(supported_model_classes())}. Load your "
         "backbone as one of these (e.g. `ViTModel.from_pretrained(...)`), or, for another pre-norm ViT with a CLS "
-        "token, describe it with an `lpt_peft.architectures.LPTArchitecture` and pass it to "
-        f"`lpt_peft.architectures.register_architecture` (worked example in {DOCS_HINT})."
+        "token, describe it with an `lpt_peft.tuner.architectures.LPTArchitecture` and pass it to "
+        f"`lpt_peft.tuner.architectures.register_architecture` (worked example in {DOCS_HINT})."
     )
 
 

@@ -50,7 +50,7 @@ class LPTTrainingArguments:
     Example:
 
     ```python
-    >>> from lpt_peft.training_args import parse_training_args
+    >>> from lpt_peft.training.arguments import parse_training_args
     >>> args = parse_training_args(["--dataset", "synthetic", "--epochs_phase1", "2"])
     >>> args.epochs_phase1, args.batch_size
     (2, 64)
@@ -209,7 +209,7 @@ class LPTTrainingArguments:
             raise ValueError(f"--attn_implementation must be 'sdpa' or 'eager', got {self.attn_implementation!r}.")
         if self.report_to not in ("auto", "tensorboard", "none", "all"):
             raise ValueError(f"--report_to must be auto, tensorboard, none or all, got {self.report_to!r}.")
-        from .baselines import PROBES
+        from lpt_peft.training.baselines import PROBES
 
         self.baselines = [b for b in self.baselines if b != "none"]  # `--baselines none` clears a config's list
         unknown = sorted(set(self.baselines) - set(PROBES))

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .cli import LPTUsageError
+from lpt_peft.cli import LPTUsageError
 
 __all__ = [
     "AUTHORS_PHASE1_KEYS",
@@ -263,7 +263,7 @@ def timm_vit_to_hf(
 
     ```python
     >>> import timm  # only needed to obtain the weights
-    >>> from lpt_peft.convert_authors import timm_vit_to_hf
+    >>> from lpt_peft.interop.convert_authors import timm_vit_to_hf
 
     >>> timm_model = timm.create_model("vit_base_patch16_224.augreg_in21k", pretrained=True)
     >>> vit = timm_vit_to_hf(timm_model.state_dict())  # LayerNorm eps 1e-5, as the LPT authors ran it
@@ -478,7 +478,7 @@ def _authors_lpt_config(
     parts: _AuthorsParts, top_k: int, id2label: Mapping[int, str] | None, pool_options: Mapping[str, int | None]
 ):
     """The adapter config; for a phase-1 model the pool sizes are those phase-2 training will start from."""
-    from .config import LPTConfig
+    from lpt_peft.tuner.config import LPTConfig
 
     depth = parts.shared.shape[0]
     if parts.pool is not None:
@@ -701,7 +701,7 @@ def convert_authors_checkpoint(
 
     ```python
     >>> import lpt_peft
-    >>> from lpt_peft.convert_authors import convert_authors_checkpoint
+    >>> from lpt_peft.interop.convert_authors import convert_authors_checkpoint
     >>> from peft import PeftModel
     >>> from transformers import ViTModel
 
@@ -731,7 +731,7 @@ def convert_authors_checkpoint(
 
 
 def _write_staged(parts: _AuthorsParts, lpt_config, base_name: str, staged, checkpoint, val_acc, dataset):
-    from .inference import save_preprocessing
+    from lpt_peft.inference import save_preprocessing
 
     base_tmp, adapter_tmp = staged
     for folder in staged:
@@ -743,7 +743,8 @@ def _write_staged(parts: _AuthorsParts, lpt_config, base_name: str, staged, chec
     save_preprocessing(base_tmp, **preprocessing)
     model = _wrap_authors_parts(parts, lpt_config, base_name)
 
-    notes = [f"Converted with `lpt_peft.convert_authors` from the LPT authors' checkpoint `{Path(checkpoint).name}`."]
+    notes = [f"Converted with `lpt_peft.interop.convert_authors` from the LPT authors' checkpoint "
+        f"`{Path(checkpoint).name}`."]
     if parts.phase == 1:
         notes.append("The authors' phase-1 model: the group pool and keys are not trained (phase 2 trains them).")
     if val_acc is not None:

@@ -15,15 +15,15 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .architectures import (
+from lpt_peft.tuner.architectures import (
     LPTArchitecture,
     _resolve,
     base_fingerprint,
     fingerprint_differences,
     get_architecture,
 )
-from .config import LPTConfig
-from .layer import _SUPPORTED_ATTENTION, LPTAttention, LPTLayer, _trunc_normal, single_active_adapter
+from lpt_peft.tuner.config import LPTConfig
+from lpt_peft.tuner.layer import _SUPPORTED_ATTENTION, LPTAttention, LPTLayer, _trunc_normal, single_active_adapter
 
 
 @dataclass
@@ -602,7 +602,7 @@ def check_injection(
 
     Called by `LPTModel.__init__` (before peft's `BaseTuner.__init__` touches anything) and `LPTModel.inject_adapter`
     (so by `get_peft_model`, `add_adapter`, `load_adapter` and `PeftModel.from_pretrained`) before their first change,
-    and by the loading wrappers of `lpt_peft.registration` before any file is read into the model. (peft's
+    and by the loading wrappers of `lpt_peft.tuner.registration` before any file is read into the model. (peft's
     `inject_adapter_in_model` refuses LPT itself: its tuner holds the keys and head.)
 
     Args:

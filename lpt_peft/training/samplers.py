@@ -184,7 +184,7 @@ class InstanceBalancedBatchSampler(_ShardedBatchSampler):
     Example:
 
     ```python
-    >>> from lpt_peft.samplers import InstanceBalancedBatchSampler
+    >>> from lpt_peft.training.samplers import InstanceBalancedBatchSampler
     >>> sampler = InstanceBalancedBatchSampler(10, batch_size=4, num_replicas=1, rank=0, seed=0)
     >>> len(sampler), [len(batch) for batch in sampler]
     (3, [4, 4, 4])
@@ -269,7 +269,7 @@ class ClassBalancedBatchSampler(_ShardedBatchSampler):
     Example:
 
     ```python
-    >>> from lpt_peft.samplers import ClassBalancedBatchSampler
+    >>> from lpt_peft.training.samplers import ClassBalancedBatchSampler
     >>> labels = [0] * 50 + [1] * 10 + [2] * 3
     >>> sampler = ClassBalancedBatchSampler(labels, batch_size=4, samples_per_class=2, num_replicas=1, rank=0)
     >>> batch = next(iter(sampler))
@@ -369,7 +369,9 @@ class DualBatchSampler(Sampler[list[int]]):
     Example:
 
     ```python
-    >>> from lpt_peft.samplers import ClassBalancedBatchSampler, DualBatchSampler, InstanceBalancedBatchSampler
+    >>> from lpt_peft.training.samplers import (
+    ...     ClassBalancedBatchSampler, DualBatchSampler, InstanceBalancedBatchSampler
+    ... )
     >>> labels = [0] * 50 + [1] * 10 + [2] * 3
     >>> cb = ClassBalancedBatchSampler(labels, batch_size=4, samples_per_class=2, num_replicas=1, rank=0)
     >>> ib = InstanceBalancedBatchSampler(len(labels), batch_size=4, num_replicas=1, rank=0)

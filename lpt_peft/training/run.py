@@ -28,14 +28,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .backbones import load_backbone
-from .config import LPTConfig
-from .data.long_tail import LongTailDataset
-from .data.transforms import LPTImageTransform, decode_image
-from .losses import LPTObjective
-from .metrics import ShotAccuracyAccumulator, group_usage_counts
-from .samplers import ClassBalancedBatchSampler, DualBatchSampler, InstanceBalancedBatchSampler
-from .training_args import LPTTrainingArguments
+from lpt_peft.backbones import load_backbone
+from lpt_peft.data.long_tail import LongTailDataset
+from lpt_peft.data.transforms import LPTImageTransform, decode_image
+from lpt_peft.evaluation.metrics import ShotAccuracyAccumulator, group_usage_counts
+from lpt_peft.training.arguments import LPTTrainingArguments
+from lpt_peft.training.losses import LPTObjective
+from lpt_peft.training.samplers import ClassBalancedBatchSampler, DualBatchSampler, InstanceBalancedBatchSampler
+from lpt_peft.tuner.config import LPTConfig
 
 logger = logging.getLogger(__name__)
 
@@ -731,7 +731,7 @@ def load_adapter_weights(model: PeftModel, directory: Path) -> None:
 # ---------------------------------------------------------------------------------------------------- the whole run
 def build_dataset(args: LPTTrainingArguments) -> LongTailDataset:
     """The long-tailed data set named by `args.dataset`, with a clear error when its files are missing."""
-    from . import data as lt
+    from lpt_peft import data as lt
 
     def need(*names: str) -> None:
         missing = [f"--{n}" for n in names if not getattr(args, n)]
@@ -739,7 +739,7 @@ def build_dataset(args: LPTTrainingArguments) -> LongTailDataset:
             raise ValueError(f"--dataset {args.dataset} needs {', '.join(missing)} (see docs/datasets.md).")
 
     if args.dataset == "synthetic":
-        from .data.synthetic import make_synthetic_long_tail
+        from lpt_peft.data.synthetic import make_synthetic_long_tail
 
         data = make_synthetic_long_tail(
             num_classes=args.num_classes,
@@ -815,7 +815,7 @@ def check_images_before_training(data: LongTailDataset, args: LPTTrainingArgumen
 
     A bad file there would otherwise crash validation after the first epoch trained, before its checkpoint.
     """
-    from .data.benchmarks import check_images_decode
+    from lpt_peft.data.benchmarks import check_images_decode
 
     for split in ("val", "test"):
         dataset = getattr(data, split)
@@ -869,8 +869,8 @@ def run_training(args: LPTTrainingArguments, data: LongTailDataset | None = None
     (training states for `--resume_from_checkpoint`), `results.json`, `results.md`, `per_class_accuracy.png`,
     `group_usage.png`, `class_info.json`.
     """
-    from .metrics import save_results
-    from .plots import plot_group_usage, plot_per_class_accuracy
+    from lpt_peft.evaluation.metrics import save_results
+    from lpt_peft.evaluation.plots import plot_group_usage, plot_per_class_accuracy
 
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(
@@ -951,7 +951,7 @@ def run_training(args: LPTTrainingArguments, data: LongTailDataset | None = None
         name = f"LPT phase {phase}"
         if accelerator.is_main_process:
             rows = _merge_json(output_dir / "results.json", {name: {**_summary(result), **best}})
-            from .metrics import format_results_table
+            from lpt_peft.evaluation.metrics import format_results_table
 
             # The card of the pushed/saved adapter shows the test table of this run.
             model.base_model.card_info["results_markdown"] = format_results_table(rows)
@@ -982,7 +982,7 @@ def run_training(args: LPTTrainingArguments, data: LongTailDataset | None = None
         state.epoch = state.step_in_epoch = state.global_step = 0
 
     if accelerator.is_main_process and rows:
-        from .metrics import format_results_table
+        from lpt_peft.evaluation.metrics import format_results_table
 
         print(f"\nTest accuracy (%) by shot group, {args.dataset} ({grouping} groups: many n>100, few n<20):")
         print(format_results_table(rows))
@@ -1001,7 +1001,7 @@ PROBE_NAMES = {
 
 def run_baselines(model: PeftModel, data: LongTailDataset, args, accelerator: Accelerator, test_loader) -> None:
     """Train the requested linear probes on frozen features and record them in the results like LPT's phases."""
-    from .baselines import evaluate_probe, extract_features, train_linear_probe
+    from lpt_peft.training.baselines import evaluate_probe, extract_features, train_linear_probe
 
     output_dir = Path(args.output_dir)
     grouping = "author" if args.author_grouping else "standard"
@@ -1044,7 +1044,7 @@ def run_baselines(model: PeftModel, data: LongTailDataset, args, accelerator: Ac
         if accelerator.is_main_process:
             rows = _merge_json(output_dir / "results.json", {PROBE_NAMES[kind]: _summary(result)})
             _merge_json(output_dir / "per_class_accuracy.json", {PROBE_NAMES[kind]: result["per_class"]})
-            from .metrics import save_results
+            from lpt_peft.evaluation.metrics import save_results
 
             save_results(rows, output_dir)
             logger.info("%s: %s", PROBE_NAMES[kind], _summary(result))

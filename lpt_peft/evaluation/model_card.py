@@ -7,7 +7,7 @@ and the exact lines to load and run it, `import lpt_peft` first. Optional facts 
 | key | type | shown as |
 |---|---|---|
 | `dataset` | str | data set line; also the card's `datasets` metadata |
-| `results_markdown` | str | the Results section, verbatim (e.g. `lpt_peft.metrics.format_results_table(...)`) |
+| `results_markdown` | str | the Results section, verbatim (e.g. from `format_results_table`) |
 | `results` | dict | table when `results_markdown` is absent: `{"overall", "many", "medium", "few"}` or `{row: dict}` |
 | `grouping` | `"standard"` or `"author"` | the shot-group thresholds under the table |
 | `base_model` | str | the base shown in the code (e.g. a Hub id) instead of the adapter config's path |
@@ -76,7 +76,7 @@ def _looks_like_hub_id(name: str | None) -> bool:
 
 def card_base_reference(base: str | None) -> str | None:
     """The base as a card may record it: a built-in name or Hub id as is, an existing local path made absolute."""
-    from .backbones import BUILTIN_BACKBONES
+    from lpt_peft.backbones import BUILTIN_BACKBONES
 
     if not base or base in BUILTIN_BACKBONES or not os.path.exists(base):
         return base
@@ -108,7 +108,7 @@ def _results_markdown(info: Mapping[str, Any], phase: int) -> str | None:
     results = info.get("results")
     if not results:
         return None
-    from .metrics import format_results_table
+    from lpt_peft.evaluation.metrics import format_results_table
 
     rows = {f"LPT (phase {phase})": results} if "overall" in results else results
     return format_results_table(rows)

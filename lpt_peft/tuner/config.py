@@ -9,7 +9,7 @@ from typing import Any
 from peft import PeftConfig
 
 
-class LptPeftType(str, enum.Enum):
+class LPTPeftType(str, enum.Enum):
     """PEFT type of LPT.
 
     peft's own `PeftType` enum is closed to methods defined outside peft, so LPT carries a `str`-valued enum of
@@ -19,9 +19,13 @@ class LptPeftType(str, enum.Enum):
 
     LPT = "LPT"
 
-    # Print as "LPT" (not "LptPeftType.LPT") in messages, including peft's own f-strings.
+    # Print as "LPT" (not "LPTPeftType.LPT") in messages, including peft's own f-strings.
     __str__ = str.__str__
     __format__ = str.__format__
+
+
+# The 0.1 spelling, kept so code written against it still imports.
+LptPeftType = LPTPeftType
 
 
 def _check_positive_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -114,7 +118,7 @@ class LPTConfig(PeftConfig):
         metadata={
             "help": "What the adapter depends on in its backbone besides hidden_size and num_hidden_layers: "
             "model_type, num_attention_heads, patch_size, image_size and a sample of its weights (see "
-            "`lpt_peft.architectures.base_fingerprint`). Filled in at injection; loading onto a base that differs in "
+            "`architectures.base_fingerprint`). Filled in at injection; loading onto a base that differs in "
             "any recorded field is refused. None (adapters saved before it existed) skips the check."
         },
     )
@@ -127,7 +131,7 @@ class LPTConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = LptPeftType.LPT
+        self.peft_type = LPTPeftType.LPT
         if self.num_labels is None:
             raise ValueError(
                 "LPTConfig.num_labels is required: pass the number of classes of your data set, "

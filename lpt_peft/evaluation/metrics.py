@@ -126,7 +126,7 @@ def shot_groups(
     Example:
 
     ```python
-    >>> from lpt_peft.metrics import shot_groups
+    >>> from lpt_peft.evaluation.metrics import shot_groups
 
     >>> shot_groups([500, 101, 100, 20, 19, 3])
     {'many': [0, 1], 'medium': [2, 3], 'few': [4, 5]}
@@ -197,7 +197,7 @@ def shot_accuracy(
     Example:
 
     ```python
-    >>> from lpt_peft.metrics import shot_accuracy
+    >>> from lpt_peft.evaluation.metrics import shot_accuracy
 
     >>> res = shot_accuracy([0, 1, 2, 2], [0, 1, 2, 1], train_class_counts=[200, 50, 5])
     >>> res["overall"], res["many"], res["medium"], res["few"]
@@ -241,7 +241,7 @@ class ShotAccuracyAccumulator:
 
     ```python
     >>> import torch
-    >>> from lpt_peft.metrics import ShotAccuracyAccumulator
+    >>> from lpt_peft.evaluation.metrics import ShotAccuracyAccumulator
 
     >>> acc = ShotAccuracyAccumulator(num_classes=3)
     >>> acc.update(torch.tensor([0, 1]), torch.tensor([0, 1]))
@@ -340,7 +340,7 @@ def load_shot_accuracy_metric(**kwargs: Any):
     Example:
 
     ```python
-    >>> from lpt_peft.metrics import load_shot_accuracy_metric
+    >>> from lpt_peft.evaluation.metrics import load_shot_accuracy_metric
 
     >>> metric = load_shot_accuracy_metric(keep_in_memory=True)
     >>> metric.add_batch(predictions=[0, 1, 2], references=[0, 1, 1])
@@ -354,7 +354,7 @@ def load_shot_accuracy_metric(**kwargs: Any):
     if not script.is_file():
         raise FileNotFoundError(
             f"The shot_accuracy metric script is missing at {script}. The installed package was built without its "
-            "package data; reinstall lpt-peft (pyproject must ship lpt_peft/metric_scripts/**/*.py)."
+            "package data; reinstall lpt-peft (pyproject must ship lpt_peft/evaluation/metric_scripts/**/*.py)."
         )
     return evaluate.load(str(METRIC_SCRIPT_DIR), **kwargs)
 
@@ -376,7 +376,7 @@ def format_results_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
     Example:
 
     ```python
-    >>> from lpt_peft.metrics import format_results_table
+    >>> from lpt_peft.evaluation.metrics import format_results_table
 
     >>> print(format_results_table({"LPT": {"overall": 50.07, "many": 49.27, "medium": 52.31, "few": 46.88}}))
     | Method | Overall | Many | Medium | Few |
@@ -424,7 +424,7 @@ def save_results(rows: Mapping[str, Mapping[str, Any]], out_dir: str | os.PathLi
     Example:
 
     ```python
-    >>> from lpt_peft.metrics import save_results, shot_accuracy
+    >>> from lpt_peft.evaluation.metrics import save_results, shot_accuracy
 
     >>> res = shot_accuracy([0, 1, 2], [0, 1, 1], train_class_counts=[200, 50, 5])
     >>> json_path, md_path = save_results({"LPT": res}, "outputs/eval")
@@ -453,7 +453,7 @@ def group_usage_counts(group_indices: torch.Tensor | np.ndarray | Sequence, num_
     Example:
 
     ```python
-    >>> from lpt_peft.metrics import group_usage_counts
+    >>> from lpt_peft.evaluation.metrics import group_usage_counts
 
     >>> group_usage_counts([[0, 2], [2, 3]], num_groups=5)
     tensor([1, 0, 2, 1, 0])

@@ -91,8 +91,8 @@ def plot_per_class_accuracy(
     Example:
 
     ```python
-    >>> from lpt_peft.metrics import shot_accuracy
-    >>> from lpt_peft.plots import plot_per_class_accuracy
+    >>> from lpt_peft.evaluation.metrics import shot_accuracy
+    >>> from lpt_peft.evaluation.plots import plot_per_class_accuracy
 
     >>> counts = [500, 120, 60, 30, 10, 5]
     >>> res = shot_accuracy([0, 1, 2, 3, 0, 0], [0, 1, 2, 3, 4, 5], counts)
@@ -192,7 +192,7 @@ def plot_per_class_accuracy(
 def plot_group_usage(
     usage_counts: Sequence[int] | np.ndarray | torch.Tensor, path: str | os.PathLike, title: str | None = None
 ) -> Path:
-    """Bar chart of how often each prompt group was selected (e.g. from [`~lpt_peft.metrics.group_usage_counts`]).
+    """Bar chart of how often each prompt group was selected (e.g. from `group_usage_counts`).
 
     A dashed line marks uniform usage (total / number of groups), to show at a glance whether the pool collapsed onto
     a few groups.
@@ -203,8 +203,8 @@ def plot_group_usage(
     Example:
 
     ```python
-    >>> from lpt_peft.metrics import group_usage_counts
-    >>> from lpt_peft.plots import plot_group_usage
+    >>> from lpt_peft.evaluation.metrics import group_usage_counts
+    >>> from lpt_peft.evaluation.plots import plot_group_usage
 
     >>> usage = group_usage_counts([[0, 2], [2, 3]], num_groups=5)
     >>> plot_group_usage(usage, "group_usage.png", title="Prompt group usage (test)")

@@ -152,7 +152,7 @@ class AGCLLoss(nn.Module):
 
     ```python
     >>> import torch
-    >>> from lpt_peft.losses import AGCLLoss
+    >>> from lpt_peft.training.losses import AGCLLoss
     >>> loss_fn = AGCLLoss.class_balanced([500, 50, 5], generator=torch.Generator().manual_seed(0))
     >>> cosines = torch.tensor([[0.9, 0.1, -0.2], [0.0, 0.3, 0.8]], requires_grad=True)
     >>> loss = loss_fn(cosines, torch.tensor([0, 2]))
@@ -293,7 +293,7 @@ class ScaledCrossEntropyLoss(nn.Module):
 
     ```python
     >>> import torch
-    >>> from lpt_peft.losses import ScaledCrossEntropyLoss
+    >>> from lpt_peft.training.losses import ScaledCrossEntropyLoss
     >>> loss = ScaledCrossEntropyLoss(scale=20.0)(torch.tensor([[0.5, -0.5]]), torch.tensor([0]))
     ```
     """
@@ -331,7 +331,7 @@ class LogitAdjustedCrossEntropyLoss(nn.Module):
 
     ```python
     >>> import torch
-    >>> from lpt_peft.losses import LogitAdjustedCrossEntropyLoss
+    >>> from lpt_peft.training.losses import LogitAdjustedCrossEntropyLoss
     >>> loss_fn = LogitAdjustedCrossEntropyLoss([100, 10], tau=1.0, scale=20.0)
     >>> loss = loss_fn(torch.tensor([[0.2, 0.4]]), torch.tensor([1]))
     ```
@@ -409,7 +409,7 @@ def build_loss(
     Example:
 
     ```python
-    >>> from lpt_peft.losses import build_loss
+    >>> from lpt_peft.training.losses import build_loss
     >>> loss_fn = build_loss("agcl", [500, 50, 5], branch="instance_balanced")
     >>> loss_fn.gamma_pos, loss_fn.gamma_neg
     (0.5, 8.0)
@@ -436,7 +436,7 @@ def dual_sampling_beta(epoch: int, num_epochs: int, eta: float = 0.5) -> float:
     Example:
 
     ```python
-    >>> from lpt_peft.losses import dual_sampling_beta
+    >>> from lpt_peft.training.losses import dual_sampling_beta
     >>> dual_sampling_beta(0, 90), dual_sampling_beta(45, 90)
     (0.5, 0.25)
     ```
@@ -486,7 +486,7 @@ class LPTObjective(nn.Module):
 
     ```python
     >>> import torch
-    >>> from lpt_peft.losses import LPTObjective
+    >>> from lpt_peft.training.losses import LPTObjective
     >>> objective = LPTObjective([500, 50, 5], num_epochs=10)
     >>> cb_logits, ib_logits = torch.rand(4, 3) * 2 - 1, torch.rand(4, 3) * 2 - 1
     >>> out = objective(cb_logits, torch.tensor([0, 1, 2, 2]), ib_logits, torch.tensor([0, 0, 0, 1]), epoch=0)

@@ -3,13 +3,13 @@
 import datasets
 import evaluate
 
-from lpt_peft.metrics import shot_accuracy
+from lpt_peft.evaluation.metrics import shot_accuracy
 
 _DESCRIPTION = """
 Top-1 accuracy of a long-tailed classifier, overall and split into many-shot (more than 100 training images),
 medium-shot (20 to 100) and few-shot (fewer than 20) classes. A group's accuracy is the accuracy over the test samples
 whose true class is in the group. The `author` grouping counts classes with exactly 20 training images as few-shot, as
-the official LPT code does. Thin wrapper around `lpt_peft.metrics.shot_accuracy`.
+the official LPT code does. Thin wrapper around `lpt_peft.evaluation.metrics.shot_accuracy`.
 """
 
 _KWARGS_DESCRIPTION = """
@@ -26,7 +26,7 @@ Returns:
     num_samples (`int`): number of evaluated samples.
 
 Example:
-    >>> metric = lpt_peft.metrics.load_shot_accuracy_metric(keep_in_memory=True)
+    >>> metric = lpt_peft.evaluation.metrics.load_shot_accuracy_metric(keep_in_memory=True)
     >>> metric.compute(predictions=[0, 1, 2], references=[0, 1, 1], train_class_counts=[200, 50, 5])["medium"]
     50.0
 """

@@ -1,0 +1,1 @@
+"""Evaluation: shot-group accuracy (`metrics`), plots, run reports and the adapter's model card."""
