@@ -145,7 +145,8 @@ EXISTING_MODEL_CASES = [
         "add_adapter-conflicting-layer_norm_eps",
         lambda c: c.model.add_adapter("c", lpt_config(layer_norm_eps=1e-3)),
         ValueError,
-        r"layer_norm_eps=0.001 conflicts with \[1e-05\]",
+        r"layer_norm_eps=0.001 of adapter 'c' conflicts with None \(the backbone's own eps, 1e-05\) of adapter 'b', "
+        r"1e-05 of adapter 'default'",
     ),
     (
         "add_adapter-other-peft-type",
@@ -175,7 +176,7 @@ EXISTING_MODEL_CASES = [
         "load_adapter-other-backbone-weights",
         lambda c: c.model.load_adapter(c.other_adapter, adapter_name="c"),
         ValueError,
-        r"differs in: weights_sample .*not the ones it was trained on",
+        r"trained on in: weights_sample .*not the ones it was trained on",
     ),
     (
         "load_adapter-no-weights-file",
@@ -283,7 +284,7 @@ FRESH_BASE_CASES = [
         {"patch_size": 8},
         lambda base, c: PeftModel.from_pretrained(base, c.adapter),
         ValueError,
-        r"differs in: patch_size: adapter 4, base 8",
+        r"trained on in: patch_size: adapter 4, base 8",
     ),
     (
         "from_pretrained-other-weights",
@@ -525,3 +526,68 @@ def test_relative_base_path_is_stored_absolute_and_hub_id_as_is(make_vit, tmp_pa
     hub.name_or_path = hub.config._name_or_path = "google/vit-base-patch16-224"
     model = get_peft_model(hub, lpt_config())
     assert model.peft_config["default"].base_model_name_or_path == "google/vit-base-patch16-224"
+
+
+def test_an_adapter_keeping_the_backbone_eps_and_one_overriding_it_cannot_share_a_backbone(make_vit):
+    # The first adapter runs on the ViT's own eps (None); a second one with its own eps would change the first one's
+    # predictions through the shared LayerNorms, even while the first one stays active.
+    model = get_peft_model(make_vit(), lpt_config()).eval()
+    model.add_adapter("same", lpt_config(layer_norm_eps=1e-5))  # the ViT's own eps spelled out: no conflict
+    x = torch.randn(2, 3, 16, 16)
+    before = model(pixel_values=x).logits
+    with pytest.raises(ValueError, match=r"layer_norm_eps=0.1 of adapter 'c' conflicts with None \(the backbone's"):
+        model.add_adapter("c", lpt_config(layer_norm_eps=1e-1))
+    assert sorted(model.peft_config) == ["default", "same"]
+    assert torch.equal(model(pixel_values=x).logits, before)
+    assert all(m.eps == 1e-5 for m in model.modules() if isinstance(m, torch.nn.LayerNorm))
+
+
+def _safetensors_disk_full(tensors, filename, metadata=None):
+    from safetensors import SafetensorError
+
+    Path(filename).write_bytes(b"half")
+    raise SafetensorError("Error while serializing: IoError(Os { code: 28, message: 'No space left on device' })")
+
+
+def _torch_save_disk_full(obj, f, *args, **kwargs):
+    Path(f).write_bytes(b"half")
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 9600 vs 9488")
+
+
+@pytest.mark.parametrize(
+    "patch, safe, cause",
+    [
+        ((peft.peft_model, "safe_save_file", _safetensors_disk_full), True, r"no space left on the device"),
+        ((torch, "save", _torch_save_disk_full), False, r"unexpected pos 9600 vs 9488"),
+    ],
+    ids=["safetensors-error", "torch-save-unexpected-pos"],
+)
+def test_write_failures_as_the_writers_report_them_name_the_folder(ctx, monkeypatch, patch, safe, cause):
+    # How safetensors and torch.save report a full disk in practice (seen on a 64 KiB tmpfs): not as OSError.
+    folder = ctx.tmp / f"full-{safe}"
+    ctx.model.save_pretrained(folder, safe_serialization=safe, selected_adapters=["default"])
+    files = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    monkeypatch.setattr(*patch)
+    with pytest.raises(OSError, match=rf"Could not save the LPT adapter to {re.escape(str(folder))}: .*{cause}"):
+        ctx.model.save_pretrained(folder, safe_serialization=safe, selected_adapters=["default"])
+    assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == files
+
+
+def test_a_backbone_mismatch_names_only_the_fields_that_differ(make_vit, ctx):
+    with pytest.raises(ValueError) as e:
+        PeftModel.from_pretrained(make_vit(patch_size=8), ctx.adapter)
+    assert "patch_size: adapter 4, base 8" in str(e.value)
+    assert "hidden_size" not in str(e.value) and "num_hidden_layers" not in str(e.value)
+
+
+def test_an_adapter_of_another_model_class_names_the_class_mismatch(make_vit, tmp_path):
+    # Same backbone weights, but the adapter was trained on the ViTModel and is loaded onto the classification model
+    # (whose ViT is `.vit`): the keys differ by that prefix, and the message says so instead of blaming the file.
+    inner = make_vit(seed=0)
+    get_peft_model(inner, lpt_config()).save_pretrained(tmp_path / "vitmodel")
+    classifier = ViTForImageClassification(inner.config)
+    classifier.vit.load_state_dict(make_vit(seed=0).state_dict(), strict=False)
+    with pytest.raises(ValueError, match=r"trained on a different model class than this base .*pass the inner"):
+        PeftModel.from_pretrained(classifier, tmp_path / "vitmodel")
+    assert not any(isinstance(m, LPTAttention) for m in classifier.modules())
+    PeftModel.from_pretrained(classifier.vit, tmp_path / "vitmodel")  # the fix the message names works

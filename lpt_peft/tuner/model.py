@@ -641,14 +641,7 @@ def check_injection(
             f"LPT does not support attn_implementation={attn_impl!r} (a flex_attention BlockMask does not cover "
             "the prompt keys). Load the backbone with attn_implementation='sdpa' or 'eager'."
         )
-    if config.layer_norm_eps is not None:
-        # The backbone is shared by all adapters, so its eps is one value for all of them.
-        others = {c.layer_norm_eps for c in peft_config.values() if c is not config and c.layer_norm_eps is not None}
-        if others and others != {config.layer_norm_eps}:
-            raise ValueError(
-                f"LPTConfig.layer_norm_eps={config.layer_norm_eps} conflicts with {sorted(others)} of another "
-                "adapter on this backbone: all adapters share the backbone's LayerNorms. Use the same value."
-            )
+    _check_layer_norm_eps(config, adapter_name, peft_config, _own_layer_norm_eps(model, encoder))
     for layer in architecture.layers(model):
         attention = _resolve(layer, architecture.attention_attr, "attention (attention_attr)", type(layer).__name__)
         if not isinstance(attention, LPTAttention):  # a layer LPT wrapped earlier was validated then
@@ -707,11 +700,41 @@ def _check_backbone_matches(model: nn.Module, config: LPTConfig, architecture: L
         return
     where = f" ({config.base_model_name_or_path})" if config.base_model_name_or_path else ""
     raise ValueError(
-        f"This LPT adapter was built for a backbone with hidden_size={config.hidden_size} and "
-        f"{config.num_hidden_layers} layers, but the base model ({type(model).__name__}) has hidden_size="
-        f"{hidden_size} and {num_layers} layers, and differs in: {'; '.join(differences)}. Load it onto the backbone "
-        f"it was trained on{where}. (To use it on a backbone you know to be equivalent, load its LPTConfig, set "
-        "`base_fingerprint=None` and pass it as `config=`.)"
+        f"This LPT adapter does not fit the base model ({type(model).__name__}), which differs from the backbone the "
+        f"adapter was trained on in: {'; '.join(differences)}. Load it onto the backbone it was trained on{where}, "
+        "at the image size it was trained at. (To use it on a backbone you know to be equivalent, load its "
+        "LPTConfig, set `base_fingerprint=None` and pass it as `config=`.)"
+    )
+
+
+def _own_layer_norm_eps(model: nn.Module, encoder: nn.Module) -> float | None:
+    """The eps the backbone's LayerNorms had before any LPT adapter overrode it."""
+    tuner = getattr(model.__dict__.get("forward"), "__self__", None)
+    recorded = getattr(tuner, "_original_layer_norm_eps", None)
+    if recorded and recorded[0]:
+        return recorded[0][0][1]
+    return next((m.eps for m in encoder.modules() if isinstance(m, nn.LayerNorm)), None)
+
+
+def _check_layer_norm_eps(config: LPTConfig, adapter_name: str, peft_config: dict, own_eps: float | None) -> None:
+    """All adapters share the backbone's LayerNorms, so they must agree on their eps (None: the backbone's own)."""
+
+    def effective(eps):
+        return own_eps if eps is None else float(eps)
+
+    others = {name: c.layer_norm_eps for name, c in peft_config.items() if name != adapter_name and c is not config}
+    conflicting = sorted(name for name, eps in others.items() if effective(eps) != effective(config.layer_norm_eps))
+    if not conflicting:
+        return
+
+    def shown(eps):
+        return f"None (the backbone's own eps, {own_eps})" if eps is None else repr(eps)
+
+    raise ValueError(
+        f"LPTConfig.layer_norm_eps={shown(config.layer_norm_eps)} of adapter {adapter_name!r} conflicts with "
+        + ", ".join(f"{shown(others[name])} of adapter {name!r}" for name in conflicting)
+        + ": all adapters on one backbone share its LayerNorms, so one adapter's eps would change the others' "
+        "predictions. Give the adapters the same layer_norm_eps, or load this one onto its own copy of the backbone."
     )
 
 

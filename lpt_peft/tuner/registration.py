@@ -11,6 +11,7 @@ import errno
 import inspect
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -288,6 +289,24 @@ def _read_weights(model_id, hub_kwargs, key_mapping) -> tuple[dict, str]:
         ) from err
 
 
+def _layout_mismatch(missing: list[str], unexpected: list[str]) -> str | None:
+    """'file X..., base Y...' when the missing and unexpected keys are the same tensors under another module prefix."""
+
+    def split(key: str) -> tuple[str, str]:
+        # The adapter's own tensors live in the transformer layers ("[encoder.]layer(s).<i>...") or on the tuner.
+        match = re.search(r"(?:^|\.)((?:encoder\.)?(?:layers?|blocks)\.\d+\..*)$", key)
+        return (key[: match.start(1)], match.group(1)) if match else ("", key)
+
+    if not missing or len(missing) != len(unexpected):
+        return None
+    base = {split(k)[1]: split(k)[0] for k in missing}
+    saved = {split(k)[1]: split(k)[0] for k in unexpected}
+    if set(base) != set(saved):
+        return None
+    key = sorted(base)[0]
+    return f"file {saved[key] + key!r}, this base {base[key] + key!r}"
+
+
 def check_adapter_weights(weights: dict, expected: dict, source: str) -> None:
     """Raise a ValueError naming every missing, unexpected or wrongly shaped tensor of an LPT adapter file.
 
@@ -308,6 +327,14 @@ def check_adapter_weights(weights: dict, expected: dict, source: str) -> None:
         for what, items in (("missing tensors", missing), ("unexpected tensors", unexpected), ("wrong shapes", wrong))
         if items
     ]
+    layout = _layout_mismatch(missing, unexpected)
+    if layout:
+        raise ValueError(
+            f"The LPT adapter weights {source} were saved from a model whose backbone sits at another place "
+            f"({layout}): the adapter was trained on a different model class than this base (e.g. ViTModel vs "
+            "ViTForImageClassification, whose ViT is `.vit`). Load it onto the class it was trained on: pass the "
+            "inner backbone (e.g. `base.vit`) or load the base with that class. Nothing was loaded."
+        )
     if problems:
         raise ValueError(
             f"The LPT adapter weights {source} do not match the adapter they are loaded into: {'; '.join(problems)}. "
@@ -336,16 +363,29 @@ def _save_atomically(original, peft_model, save_directory, args, kwargs) -> None
             os.makedirs(destination, exist_ok=True)
             for name in files:
                 os.replace(os.path.join(root, name), os.path.join(destination, name))
-    except OSError as err:
-        raise _save_error(err, target, staging) from err
-    except RuntimeError as err:
-        # torch.save reports a failed write (a full disk among others) as a RuntimeError from its C++ stream.
-        if not any(word in str(err) for word in ("iostream", "StreamWriter", "write", "No space")):
+    except Exception as err:
+        if not _is_write_failure(err):
             raise
         raise _save_error(err, target, staging) from err
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+# How the writers report a failed write, e.g. a full disk: torch.save's C++ stream raises RuntimeErrors such as
+# "basic_ios::clear: iostream error" or "[enforce fail at inline_container.cc] . unexpected pos"; safetensors raises
+# its own SafetensorError ("... No space left on device (os error 28)").
+_WRITE_FAILURE_WORDS = (
+    "iostream", "StreamWriter", "inline_container", "unexpected pos", "write", "No space", "os error"
+)  # fmt: skip
+
+
+def _is_write_failure(err: Exception) -> bool:
+    if isinstance(err, OSError):
+        return True
+    if type(err).__name__ == "SafetensorError" or isinstance(err, RuntimeError):
+        return any(word in str(err) for word in _WRITE_FAILURE_WORDS)
+    return False
 
 
 def _save_error(err: Exception, target: str, staging: str | None) -> OSError:
@@ -354,6 +394,8 @@ def _save_error(err: Exception, target: str, staging: str | None) -> OSError:
         filename = os.fspath(filename).replace(staging, target)
     cause = getattr(err, "strerror", None) or str(err)
     code = getattr(err, "errno", None)
+    if code is None and ("No space left" in str(err) or "os error 28" in str(err)):
+        code, cause = errno.ENOSPC, f"no space left on the device ({err})"
     try:
         free = shutil.disk_usage(target).free / 2**20
         space = f"; {free:.0f} MiB are free on that disk"
