@@ -220,7 +220,11 @@ class LPTImageClassifier:
         self.device = _resolve_device(device)
         self.model = model.to(self.device).eval()
         if transform is None:
-            image_size = int(model.get_base_model().config.image_size)
+            from lpt_peft.backbones import backbone_image_size
+
+            image_size = backbone_image_size(model.get_base_model())
+            if image_size is None:
+                raise ValueError("The base model's config records no image size; pass a `transform`.")
             transform = LPTImageTransform(image_size, train=False)
         if not isinstance(transform, LPTImageTransform) or transform.train:
             raise TypeError("`transform` must be an evaluation LPTImageTransform (train=False).")
@@ -456,44 +460,6 @@ def check_base_reference(base: str, recorded_in: str | None = None) -> None:
             )
 
 
-def _load_base(base: str, image_size: int | None, attn_implementation: str, dtype: torch.dtype | None) -> nn.Module:
-    from lpt_peft.backbones import BUILTIN_BACKBONES
-    from lpt_peft.cli import LPTUsageError
-
-    if base in BUILTIN_BACKBONES:
-        from lpt_peft.backbones import load_backbone
-
-        if image_size is None:
-            raise LPTUsageError(
-                f"The {base!r} backbone is built for a given image size; pass {{image_size}} (the adapter folder has "
-                f"no {PREPROCESSOR_FILE} saying it).",
-                "image_size",
-            )
-        model = load_backbone(base, image_size=image_size, attn_implementation=attn_implementation)
-        return model.to(dtype) if dtype is not None else model
-    from transformers import AutoConfig, ViTForImageClassification, ViTModel
-
-    try:
-        config = AutoConfig.from_pretrained(base)
-    except OSError as err:  # transformers' message for a Hub id it cannot fetch; add what to do in this function
-        raise LPTUsageError(
-            f"Cannot load the base model {base!r}: {str(err).splitlines()[0]} Pass {{base_model}} with the base "
-            "model's folder or Hub id.",
-            "base_model",
-        ) from err
-    if config.model_type != "vit":
-        raise ValueError(
-            f"{base!r} is a {config.model_type!r} model; LPT adapters run on ViT backbones (model_type vit)."
-        )
-    cls = ViTForImageClassification if "ViTForImageClassification" in (config.architectures or []) else ViTModel
-    kwargs: dict[str, Any] = {"attn_implementation": attn_implementation}
-    if cls is ViTModel:
-        kwargs["add_pooling_layer"] = False  # LPT reads the CLS token after the final norm; no pooler
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    return cls.from_pretrained(base, **kwargs)
-
-
 def _preprocessing_settings(adapter: str, revision: str | None, overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Preprocessing field by field: explicit values, else the adapter's preprocessor file (may lack image_size)."""
     stored = load_preprocessing(adapter, revision=revision)
@@ -547,7 +513,9 @@ def _resolve_base(base_model, config, adapter: str, image_size, attn_implementat
             "base_model",
         )
     check_base_reference(base_model, adapter if recorded else None)
-    return _load_base(base_model, image_size, attn_implementation, dtype)
+    from lpt_peft.backbones import load_backbone
+
+    return load_backbone(base_model, image_size=image_size, attn_implementation=attn_implementation, dtype=dtype)
 
 
 def _check_adapter_folder(adapter: str) -> None:
@@ -578,7 +546,11 @@ def load_classifier(
     attn_implementation: str = "sdpa",
     revision: str | None = None,
 ) -> LPTImageClassifier:
-    """Load a base ViT and an LPT adapter (folders or Hub ids) into an [`LPTImageClassifier`].
+    """Load a base backbone and an LPT adapter (folders or Hub ids) into an [`LPTImageClassifier`].
+
+    The base is loaded by [`lpt_peft.backbones.load_backbone`], the loader training uses, so an adapter of every
+    registered family (ViT, DeiT, DINOv2, DINOv2 with registers, CLIP's vision tower) loads onto the class it was
+    trained on.
 
     Preprocessing, field by field: the explicit arguments; else the adapter's `preprocessor_config.json` (written by
     [`save_preprocessing`] and by the authors' checkpoint converter); else LPT's defaults: the base model's image
@@ -587,7 +559,7 @@ def load_classifier(
     Everything is checked before anything is loaded into `base_model`: a failing call leaves a passed model as it was.
 
     Args:
-        base_model: A built-in backbone name (`"demo"`, `"tiny-random"`), a folder / Hub id of the `ViTModel` the
+        base_model: A built-in backbone name (`"demo"`, `"tiny-random"`), a folder / Hub id of the checkpoint the
             adapter was trained on, an already loaded model, or None to use the `base_model_name_or_path` recorded in
             the adapter config.
         adapter: Folder / Hub id of the adapter (`adapter_config.json` + `adapter_model.safetensors`).
@@ -614,6 +586,7 @@ def load_classifier(
     """
     from peft import PeftConfig, PeftModel
 
+    from lpt_peft.backbones import backbone_image_size, check_image_size
     from lpt_peft.cli import LPTUsageError
     from lpt_peft.tuner.config import LPTConfig
 
@@ -628,12 +601,12 @@ def load_classifier(
     settings = _preprocessing_settings(adapter, revision, overrides)
 
     base = _resolve_base(base_model, config, adapter, settings.get("image_size"), attn_implementation, dtype)
-    base_size = int(base.config.image_size)
-    settings.setdefault("image_size", base_size)
-    if settings["image_size"] != base_size:
+    check_image_size(base, settings.get("image_size"))
+    settings.setdefault("image_size", backbone_image_size(base))
+    if settings["image_size"] is None:
         raise LPTUsageError(
-            f"The preprocessing crops {settings['image_size']} px images but the base model expects {base_size} px. "
-            f"Set {{image_size}} to {base_size}, or pass the base model the adapter was trained with.",
+            "The base model's config records no image size and the adapter no preprocessor_config.json; pass "
+            "{image_size}.",
             "image_size",
         )
     transform = LPTImageTransform(train=False, **settings)  # checks the values before the base is touched

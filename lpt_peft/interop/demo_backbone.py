@@ -400,7 +400,9 @@ def convert_dinov2_onnx_to_vit(onnx_path: str | os.PathLike, image_size: int = 5
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    vit = ViTModel(config, add_pooling_layer=False)
+    from lpt_peft.backbones import build_backbone
+
+    vit = build_backbone(config)  # the layout load_backbone gives a ViT checkpoint (no pooler)
     vit.load_state_dict(state, strict=True)
     return vit.eval()
 
@@ -473,7 +475,9 @@ def load_demo_backbone(image_size: int = 56, cache_dir: str | os.PathLike | None
             shutil.rmtree(tmp, ignore_errors=True)
         return vit
 
-    vit = ViTModel.from_pretrained(path, add_pooling_layer=False)
+    from lpt_peft.backbones import load_backbone
+
+    vit = load_backbone(str(path))
     if vit.config.image_size != image_size:
         raise ValueError(
             f"The backbone cached in {path} is for {vit.config.image_size} px, not {image_size} px. Pass a "

@@ -451,6 +451,130 @@ def get_architecture(model: nn.Module) -> LPTArchitecture:
     )
 
 
+@dataclass(frozen=True)
+class BackboneFamily:
+    """How to load one model family's checkpoints as an LPT backbone: the facts the loader, inference and card share.
+
+    [`LPTArchitecture`] says where LPT finds its pieces inside a loaded model; a `BackboneFamily` says how to get that
+    model from a checkpoint folder or Hub id. [`lpt_peft.backbones.load_backbone`] (used by training, by
+    [`lpt_peft.inference.load_classifier`] and by the converters) and the model card read these facts from
+    [`BACKBONE_FAMILIES`] and nowhere else.
+
+    Args:
+        model_type: The transformers `config.model_type` of the family's checkpoints (e.g. `"vit"`).
+        base_class: Name of the transformers class holding the bare encoder (e.g. `"ViTModel"`); a checkpoint whose
+            `config.architectures` names another supported class of the family (e.g. `ViTForImageClassification`)
+            is loaded as that class, so an adapter trained on it finds its layers at the same names.
+        name: Human-readable family name shown in the model card (default: `model_type`).
+        base_kwargs: Keyword arguments `base_class` is built or loaded with (e.g. `{"add_pooling_layer": False}`:
+            LPT reads the CLS token after the final norm, so the pooler would only be an unused, randomly initialised
+            layer). Not passed to the task classes.
+        any_image_size: Whether the encoder runs on images of any size without being told (DINOv2 always resamples
+            its position grid to the input). When False, the loader refuses an image size other than
+            `config.image_size`.
+        config_model_types: Other `model_type`s whose checkpoints hold this family's encoder and load into
+            `base_class` (e.g. `"clip"`: a full CLIP checkpoint loads into `CLIPVisionModel`).
+
+    Example:
+
+    ```python
+    >>> from lpt_peft.tuner.architectures import BackboneFamily, register_backbone_family
+
+    >>> register_backbone_family(
+    ...     BackboneFamily(model_type="vit_msn", base_class="ViTMSNModel", name="ViT-MSN")
+    ... )
+    ```
+    """
+
+    model_type: str
+    base_class: str
+    name: str = ""
+    base_kwargs: dict = field(default_factory=dict)
+    any_image_size: bool = False
+    config_model_types: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("model_type", "base_class"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise TypeError(f"BackboneFamily.{name} must be a non-empty string, got {getattr(self, name)!r}.")
+        if not self.name:
+            object.__setattr__(self, "name", self.model_type)
+        object.__setattr__(self, "base_kwargs", dict(self.base_kwargs))
+        object.__setattr__(self, "config_model_types", tuple(self.config_model_types))
+
+    @property
+    def model_types(self) -> tuple[str, ...]:
+        """Every `config.model_type` this family loads."""
+        return (self.model_type, *self.config_model_types)
+
+    def load_kwargs(self, class_name: str) -> dict:
+        """Keyword arguments to build or load `class_name` with: `base_kwargs` for the base class, none otherwise."""
+        return dict(self.base_kwargs) if class_name == self.base_class else {}
+
+
+BACKBONE_FAMILIES: list[BackboneFamily] = [
+    BackboneFamily("vit", "ViTModel", "ViT", base_kwargs={"add_pooling_layer": False}),
+    BackboneFamily("deit", "DeiTModel", "DeiT", base_kwargs={"add_pooling_layer": False}),
+    BackboneFamily("dinov2", "Dinov2Model", "DINOv2", any_image_size=True),
+    BackboneFamily("dinov2_with_registers", "Dinov2WithRegistersModel", "DINOv2 with registers", any_image_size=True),
+    BackboneFamily("clip_vision_model", "CLIPVisionModel", "CLIP vision tower", config_model_types=("clip",)),
+]
+
+
+def register_backbone_family(*families: BackboneFamily) -> None:
+    """Let [`lpt_peft.backbones.load_backbone`] (and so training, `load_classifier` and the card) load a family.
+
+    Entries registered later are checked first, so a family registered for a built-in `model_type` overrides it.
+    Register the family's [`LPTArchitecture`] entries too ([`register_architecture`]): the family says how to load
+    a checkpoint, the architecture where LPT finds the layers. Like the architecture registry, this one lives in this
+    process only.
+
+    Raises:
+        TypeError: an entry is not a `BackboneFamily`.
+    """
+    if not families:
+        raise TypeError("register_backbone_family needs at least one BackboneFamily.")
+    for family in families:
+        if not isinstance(family, BackboneFamily):
+            raise TypeError(
+                f"register_backbone_family expects BackboneFamily entries, got {type(family).__name__} (see "
+                f"{DOCS_HINT})."
+            )
+    BACKBONE_FAMILIES[0:0] = families
+
+
+def supported_model_types() -> list[str]:
+    """The `config.model_type`s the backbone loader accepts."""
+    return sorted({model_type for family in BACKBONE_FAMILIES for model_type in family.model_types})
+
+
+def get_backbone_family(model_type: str) -> BackboneFamily:
+    """The [`BackboneFamily`] loading checkpoints of `model_type`.
+
+    Raises:
+        ValueError: no registered family loads `model_type`; the message lists those that do.
+    """
+    for family in BACKBONE_FAMILIES:
+        if model_type in family.model_types:
+            return family
+    raise ValueError(
+        f"LPT cannot load a {model_type!r} checkpoint as a backbone. Supported model types: "
+        f"{', '.join(supported_model_types())}. For another pre-norm ViT with a CLS token, register a "
+        f"BackboneFamily and its LPTArchitecture entries (see {DOCS_HINT})."
+    )
+
+
+def family_of(model: nn.Module) -> BackboneFamily:
+    """The [`BackboneFamily`] of a loaded model (a supported class), read from its encoder's `config.model_type`.
+
+    Raises:
+        TypeError: `model` is not of a supported class (see [`get_architecture`]).
+        ValueError: its model type has no registered family.
+    """
+    config = get_architecture(model).encoder(model).config
+    return get_backbone_family(getattr(config, "model_type", None) or type(model).__name__)
+
+
 # What an adapter records about its backbone (LPTConfig.base_fingerprint); hidden size and depth are LPTConfig fields.
 FINGERPRINT_FIELDS = ("model_type", "num_attention_heads", "patch_size", "image_size", "weights_sample")
 _SAMPLES_PER_TENSOR = 8
@@ -546,14 +670,20 @@ def fingerprint_differences(recorded: dict | None, current: dict) -> list[str]:
 __all__ = [
     "ARCHITECTURES",
     "AttentionSpec",
+    "BACKBONE_FAMILIES",
+    "BackboneFamily",
     "FINGERPRINT_FIELDS",
     "LPTArchitecture",
     "base_fingerprint",
     "bidirectional_mask",
     "deit_architectures",
     "default_embed",
+    "family_of",
     "fingerprint_differences",
     "get_architecture",
+    "get_backbone_family",
     "register_architecture",
+    "register_backbone_family",
     "supported_model_classes",
+    "supported_model_types",
 ]
