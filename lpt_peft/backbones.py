@@ -100,16 +100,23 @@ def check_image_size(model: nn.Module, image_size: int | None, name: str | None 
         lpt_peft.cli.LPTUsageError: the family runs only at `config.image_size` and `image_size` differs; the message
             names `image_size` (`--image_size` in the scripts) and the value to set.
     """
-    from lpt_peft.cli import LPTUsageError
     from lpt_peft.tuner.architectures import family_of
 
-    expected = backbone_image_size(model)
-    if image_size is None or expected is None or image_size == expected or family_of(model).any_image_size:
+    _check_size(backbone_image_size(model), image_size, family_of(model), name or _name(model))
+
+
+def _name(model: nn.Module) -> str:
+    return getattr(model, "name_or_path", None) or type(model).__name__
+
+
+def _check_size(expected: int | None, image_size: int | None, family, name: str) -> None:
+    from lpt_peft.cli import LPTUsageError
+
+    if image_size is None or expected is None or image_size == expected or family.any_image_size:
         return
-    name = name or getattr(model, "name_or_path", None) or type(model).__name__
     raise LPTUsageError(
         f"{name!r}: the base model expects {expected} px images but {{image_size}} is {image_size}. Set "
-        f"{{image_size}} to {expected} (a {family_of(model).name} backbone runs at its own image size only).",
+        f"{{image_size}} to {expected} (a {family.name} backbone runs at its own image size only).",
         "image_size",
     )
 
@@ -207,5 +214,6 @@ def load_backbone(
     if os.path.isdir(name_or_path):
         # A relative folder would be recorded as the adapter's base and mean nothing from another directory.
         model.name_or_path = model.config._name_or_path = os.path.abspath(name_or_path)
-    check_image_size(model, image_size, name_or_path)
+    expected = getattr(model.config, "image_size", None)
+    _check_size(expected if isinstance(expected, int) else None, image_size, family, name_or_path)
     return model
