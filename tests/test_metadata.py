@@ -9,8 +9,8 @@ import huggingface_hub.file_download
 import pytest
 import torch
 import transformers.utils.hub
-from conftest import randomize_adapter, tiny_vit_config
 from peft import get_peft_model
+from testing_utils import randomize_adapter, tiny_vit_config
 from transformers import ViTModel
 
 import lpt_peft
