@@ -201,14 +201,15 @@ def test_task_checkpoint_loads_as_its_class_and_unknown_families_are_named(tmp_p
 
 
 def test_registered_family_loads(monkeypatch, tmp_path):
-    """A family registered with register_backbone_family is loaded by the one loader (ViT-MSN, as in the docs)."""
+    """A family registered with register_backbone_family (docs/architectures.md's snippet) is loaded by the loader."""
     from transformers import ViTMSNConfig, ViTMSNModel
 
     monkeypatch.setattr(architectures, "BACKBONE_FAMILIES", list(architectures.BACKBONE_FAMILIES))
     ViTMSNModel(ViTMSNConfig(**COMMON, intermediate_size=64)).save_pretrained(tmp_path / "msn")
     with pytest.raises(ValueError, match="cannot load a 'vit_msn' checkpoint"):
         load_backbone(str(tmp_path / "msn"))
-    register_backbone_family(BackboneFamily("vit_msn", "ViTMSNModel", "ViT-MSN"))
+    exec(compile(_docs_example(1), "docs/architectures.md", "exec"), {})  # the docs' snippet, as written
+    assert get_backbone_family("vit_msn") == BackboneFamily("vit_msn", "ViTMSNModel", "ViT-MSN")
     assert type(load_backbone(str(tmp_path / "msn"), image_size=IMAGE)) is ViTMSNModel
     with pytest.raises(TypeError, match="expects BackboneFamily entries, got dict"):
         register_backbone_family({"model_type": "x"})
@@ -355,10 +356,11 @@ def test_unsupported_embedding_option_is_an_error_not_ignored():
 # ---------------------------------------------------------------- registering another backbone
 
 
-def _docs_example() -> str:
+def _docs_example(index: int = 0) -> str:
+    """The `index`-th python snippet of docs/architectures.md's "Supporting another backbone" section."""
     text = (Path(__file__).parents[1] / "docs" / "architectures.md").read_text()
     section = text.split("## Supporting another backbone", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    return re.findall(r"```python\n(.*?)```", section, re.S)[index]
 
 
 def test_docs_worked_example_vit_msn(monkeypatch):
