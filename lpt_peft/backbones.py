@@ -97,12 +97,17 @@ def check_image_size(model: nn.Module, image_size: int | None, name: str | None 
         name: How to name the backbone in the error (default: its `name_or_path`).
 
     Raises:
+        TypeError: `model` is not of a class LPT supports.
         lpt_peft.cli.LPTUsageError: the family runs only at `config.image_size` and `image_size` differs; the message
             names `image_size` (`--image_size` in the scripts) and the value to set.
     """
-    from lpt_peft.tuner.architectures import family_of
+    from lpt_peft.tuner.architectures import BackboneFamily, family_of
 
-    _check_size(backbone_image_size(model), image_size, family_of(model), name or _name(model))
+    try:
+        family = family_of(model)
+    except ValueError:  # a class registered with register_architecture only: held to its config's image size
+        family = BackboneFamily(model_type="unregistered", base_class=type(model).__name__)
+    _check_size(backbone_image_size(model), image_size, family, name or _name(model))
 
 
 def _name(model: nn.Module) -> str:

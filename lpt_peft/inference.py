@@ -69,6 +69,12 @@ def save_preprocessing(
         mean / std: Per-channel normalisation (LPT: 0.5, 0.5, 0.5).
         interpolation: `"bilinear"` (LPT), `"bicubic"` or `"nearest"`.
 
+    Returns:
+        The path of the written `preprocessor_config.json`.
+
+    Raises:
+        ValueError: a size, mean/std or interpolation `LPTImageTransform` refuses (nothing is written).
+
     Example:
 
     ```python
@@ -150,6 +156,13 @@ def _resolve_file(name_or_path: str | os.PathLike, filename: str, revision: str 
 
 def load_preprocessing(name_or_path: str | os.PathLike, revision: str | None = None) -> LPTImageTransform | None:
     """The evaluation transform stored in a folder or Hub repo's `preprocessor_config.json`, or None without one.
+
+    Args:
+        name_or_path: A local folder or a Hub repo id.
+        revision: Hub revision (ignored for folders).
+
+    Raises:
+        ValueError: the file is not valid JSON, or describes preprocessing LPT's transform cannot express.
 
     Example:
 
@@ -239,9 +252,11 @@ class LPTImageClassifier:
 
     @property
     def num_labels(self) -> int:
+        """Number of classes of the adapter."""
         return int(self.config.num_labels)
 
     def label(self, index: int) -> str:
+        """Class name of class `index` (`"LABEL_i"` without `id2label`)."""
         return self.id2label[index] if self.id2label is not None else f"LABEL_{index}"
 
     def preprocess(self, image: Any) -> torch.Tensor:
@@ -307,7 +322,12 @@ class LPTImageClassifier:
         return out.logits.float().cpu()
 
     def logits(self, images: Any, batch_size: int | None = None) -> torch.Tensor:
-        """Cosine logits `(num_images, num_labels)` of one image or a list (any unreadable image raises)."""
+        """Cosine logits `(num_images, num_labels)` of one image or a list (any unreadable image raises).
+
+        Args:
+            images: One image or a list (PIL, path, URL, uint8 array).
+            batch_size: Images per forward pass (default: the classifier's).
+        """
         items = _as_list(images)[0]
         batch_size = self.batch_size if batch_size is None else batch_size
         _check_batch_size(batch_size)
@@ -621,6 +641,12 @@ def adapter_record(adapter: str | os.PathLike) -> dict[str, Any]:
     `adapter_config.json`; `image_size`, `resize_size`, `mean`, `std` from `preprocessor_config.json`; `dataset` and
     the data-set options (`lpt_data`) from the model card's metadata. Absent facts are left out.
     `examples/evaluate_lpt.py` uses them as its defaults.
+
+    Args:
+        adapter: The adapter folder (written by `save_pretrained` during training).
+
+    Returns:
+        `dict` of training-option names to values.
 
     Example:
 

@@ -75,7 +75,14 @@ def _looks_like_hub_id(name: str | None) -> bool:
 
 
 def card_base_reference(base: str | None) -> str | None:
-    """The base as a card may record it: a built-in name or Hub id as is, an existing local path made absolute."""
+    """The base as a card may record it: a built-in name or Hub id as is, an existing local path made absolute.
+
+    Args:
+        base: A built-in backbone name, a Hub id, a path, or None.
+
+    Returns:
+        The reference to write (None stays None).
+    """
     from lpt_peft.backbones import BUILTIN_BACKBONES
 
     if not base or base in BUILTIN_BACKBONES or not os.path.exists(base):
@@ -285,6 +292,9 @@ def add_lpt_section(peft_model, card_path: str, adapter_name: str | None = None)
         peft_model: The `PeftModel`.
         card_path: The `README.md` of the folder that holds the adapter's weights.
         adapter_name: The adapter stored in that folder (default: the active adapter).
+
+    Raises:
+        TypeError: `base_model.card_info` (or its `adapters` entry) is not a dict.
 
     Example:
 

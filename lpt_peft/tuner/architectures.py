@@ -84,12 +84,15 @@ class AttentionSpec:
         return getattr(module, getattr(self, f"{which}_attr"))
 
     def get_head_dim(self, module: nn.Module) -> int:
+        """Per-head width of `module` (features per head)."""
         return int(self.head_dim(module) if callable(self.head_dim) else getattr(module, self.head_dim))
 
     def get_scaling(self, module: nn.Module) -> float | None:
+        """Softmax scale of `module`, or None for the attention function's `head_dim ** -0.5`."""
         return None if self.scaling_attr is None else getattr(module, self.scaling_attr)
 
     def get_dropout(self, module: nn.Module) -> float:
+        """Attention-probability dropout rate of `module` in training mode; 0.0 in eval mode or without one."""
         if self.dropout_attr is None or not module.training:
             return 0.0
         return float(getattr(module, self.dropout_attr))
@@ -137,6 +140,14 @@ def default_embed(encoder: nn.Module, pixel_values: torch.Tensor, **kwargs) -> t
 
     Casts `pixel_values` to the embeddings' dtype and forwards `bool_masked_pos` / `interpolate_pos_encoding` when the
     embeddings accept them. An option that is set but not accepted raises a ValueError instead of being dropped.
+
+    Args:
+        encoder: The encoder (holding `embeddings`).
+        pixel_values: `(batch, channels, height, width)` images.
+        **kwargs: `bool_masked_pos` / `interpolate_pos_encoding`.
+
+    Returns:
+        `(batch, tokens, hidden)`: the input of the first layer.
     """
     embeddings = encoder.embeddings
     dtype = next(embeddings.parameters()).dtype
@@ -271,11 +282,13 @@ class LPTArchitecture:
         return type(model).__name__ if model is not None else self.model_classes[0]
 
     def encoder(self, model: nn.Module) -> nn.Module:
+        """The encoder of `model`: `model.<backbone_attr>`, or `model` itself. Raises ValueError naming a bad path."""
         if not self.backbone_attr:
             return model
         return _resolve(model, self.backbone_attr, "encoder (backbone_attr)", self._owner(model))
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
+        """The transformer layers of `model` (length: depth). Raises ValueError naming a bad `layers_attr`."""
         layers = _resolve(self.encoder(model), self.layers_attr, "layer list (layers_attr)", self._owner(model))
         if not isinstance(layers, nn.ModuleList):
             raise ValueError(
@@ -285,9 +298,11 @@ class LPTArchitecture:
         return layers
 
     def pre_attention_norm(self, layer: nn.Module) -> nn.Module:
+        """The norm `layer` applies before attention (the prompts go through it)."""
         return _resolve(layer, self.norm_attr, "pre-attention norm (norm_attr)", type(layer).__name__)
 
     def final_norm(self, model: nn.Module) -> nn.Module:
+        """The encoder's final norm (applied to the feature token)."""
         return _resolve(self.encoder(model), self.final_norm_attr, "final norm (final_norm_attr)", self._owner(model))
 
     def image_features(
@@ -297,6 +312,15 @@ class LPTArchitecture:
 
         Without an active LPT adapter this is the frozen backbone's feature (what a linear probe sees); it is the
         same for every family, whereas `last_hidden_state` is normalised in ViT, DeiT and DINOv2 but not in CLIP.
+
+        Args:
+            model: A model of a class this entry covers.
+            pixel_values: `(batch, channels, height, width)` float images.
+            attention_mask: Optional padding mask (None for images).
+            **embed_kwargs: `bool_masked_pos` / `interpolate_pos_encoding`, passed to `embed`.
+
+        Returns:
+            `(batch, hidden)` features.
 
         Example:
 
@@ -434,6 +458,7 @@ def register_architecture(*architectures: LPTArchitecture) -> None:
 
 
 def supported_model_classes() -> list[str]:
+    """Sorted names of every class `get_peft_model` accepts (all registered `LPTArchitecture.model_classes`)."""
     return sorted({name for arch in ARCHITECTURES for name in arch.model_classes})
 
 
@@ -644,7 +669,15 @@ def _short(values, limit: int = 4) -> str:
 
 
 def fingerprint_differences(recorded: dict | None, current: dict) -> list[str]:
-    """`"field: adapter X, base Y"` for each field of an adapter's fingerprint `recorded` contradicted by `current`."""
+    """`"field: adapter X, base Y"` for each field of an adapter's fingerprint `recorded` contradicted by `current`.
+
+    Args:
+        recorded: The adapter's `LPTConfig.base_fingerprint` (None: nothing to compare).
+        current: [`base_fingerprint`] of the base it is loaded into.
+
+    Returns:
+        One line per contradicted field; empty when they agree (a field None on either side is not compared).
+    """
     differences = []
     for name in FINGERPRINT_FIELDS:
         old, new = (recorded or {}).get(name), current.get(name)
