@@ -28,7 +28,7 @@ from pathlib import Path
 
 import lpt_peft  # noqa: F401  (registers LPT with peft)
 from lpt_peft.cli import cli_entry
-from lpt_peft.interop.convert_authors import convert_authors_checkpoint, read_labels_file
+from lpt_peft.interop.authors import convert_authors_checkpoint, read_labels_file
 
 FLAGS = {
     "num_attention_heads": "--num_heads",

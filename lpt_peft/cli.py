@@ -79,6 +79,8 @@ TRAINING_FLAGS = {
     "test_dir": "--test_dir",
     "verify_images=True": "--verify_images true",
     "verify_images": "--verify_images",
+    "image_size": "--image_size",  # raised by lpt_peft.backbones.load_backbone
+    "base_model": "--model_name_or_path",
 }
 
 

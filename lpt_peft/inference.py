@@ -69,6 +69,12 @@ def save_preprocessing(
         mean / std: Per-channel normalisation (LPT: 0.5, 0.5, 0.5).
         interpolation: `"bilinear"` (LPT), `"bicubic"` or `"nearest"`.
 
+    Returns:
+        The path of the written `preprocessor_config.json`.
+
+    Raises:
+        ValueError: a size, mean/std or interpolation `LPTImageTransform` refuses (nothing is written).
+
     Example:
 
     ```python
@@ -151,6 +157,13 @@ def _resolve_file(name_or_path: str | os.PathLike, filename: str, revision: str 
 def load_preprocessing(name_or_path: str | os.PathLike, revision: str | None = None) -> LPTImageTransform | None:
     """The evaluation transform stored in a folder or Hub repo's `preprocessor_config.json`, or None without one.
 
+    Args:
+        name_or_path: A local folder or a Hub repo id.
+        revision: Hub revision (ignored for folders).
+
+    Raises:
+        ValueError: the file is not valid JSON, or describes preprocessing LPT's transform cannot express.
+
     Example:
 
     ```python
@@ -220,7 +233,11 @@ class LPTImageClassifier:
         self.device = _resolve_device(device)
         self.model = model.to(self.device).eval()
         if transform is None:
-            image_size = int(model.get_base_model().config.image_size)
+            from lpt_peft.backbones import backbone_image_size
+
+            image_size = backbone_image_size(model.get_base_model())
+            if image_size is None:
+                raise ValueError("The base model's config records no image size; pass a `transform`.")
             transform = LPTImageTransform(image_size, train=False)
         if not isinstance(transform, LPTImageTransform) or transform.train:
             raise TypeError("`transform` must be an evaluation LPTImageTransform (train=False).")
@@ -235,9 +252,11 @@ class LPTImageClassifier:
 
     @property
     def num_labels(self) -> int:
+        """Number of classes of the adapter."""
         return int(self.config.num_labels)
 
     def label(self, index: int) -> str:
+        """Class name of class `index` (`"LABEL_i"` without `id2label`)."""
         return self.id2label[index] if self.id2label is not None else f"LABEL_{index}"
 
     def preprocess(self, image: Any) -> torch.Tensor:
@@ -303,7 +322,12 @@ class LPTImageClassifier:
         return out.logits.float().cpu()
 
     def logits(self, images: Any, batch_size: int | None = None) -> torch.Tensor:
-        """Cosine logits `(num_images, num_labels)` of one image or a list (any unreadable image raises)."""
+        """Cosine logits `(num_images, num_labels)` of one image or a list (any unreadable image raises).
+
+        Args:
+            images: One image or a list (PIL, path, URL, uint8 array).
+            batch_size: Images per forward pass (default: the classifier's).
+        """
         items = _as_list(images)[0]
         batch_size = self.batch_size if batch_size is None else batch_size
         _check_batch_size(batch_size)
@@ -456,44 +480,6 @@ def check_base_reference(base: str, recorded_in: str | None = None) -> None:
             )
 
 
-def _load_base(base: str, image_size: int | None, attn_implementation: str, dtype: torch.dtype | None) -> nn.Module:
-    from lpt_peft.backbones import BUILTIN_BACKBONES
-    from lpt_peft.cli import LPTUsageError
-
-    if base in BUILTIN_BACKBONES:
-        from lpt_peft.backbones import load_backbone
-
-        if image_size is None:
-            raise LPTUsageError(
-                f"The {base!r} backbone is built for a given image size; pass {{image_size}} (the adapter folder has "
-                f"no {PREPROCESSOR_FILE} saying it).",
-                "image_size",
-            )
-        model = load_backbone(base, image_size=image_size, attn_implementation=attn_implementation)
-        return model.to(dtype) if dtype is not None else model
-    from transformers import AutoConfig, ViTForImageClassification, ViTModel
-
-    try:
-        config = AutoConfig.from_pretrained(base)
-    except OSError as err:  # transformers' message for a Hub id it cannot fetch; add what to do in this function
-        raise LPTUsageError(
-            f"Cannot load the base model {base!r}: {str(err).splitlines()[0]} Pass {{base_model}} with the base "
-            "model's folder or Hub id.",
-            "base_model",
-        ) from err
-    if config.model_type != "vit":
-        raise ValueError(
-            f"{base!r} is a {config.model_type!r} model; LPT adapters run on ViT backbones (model_type vit)."
-        )
-    cls = ViTForImageClassification if "ViTForImageClassification" in (config.architectures or []) else ViTModel
-    kwargs: dict[str, Any] = {"attn_implementation": attn_implementation}
-    if cls is ViTModel:
-        kwargs["add_pooling_layer"] = False  # LPT reads the CLS token after the final norm; no pooler
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    return cls.from_pretrained(base, **kwargs)
-
-
 def _preprocessing_settings(adapter: str, revision: str | None, overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Preprocessing field by field: explicit values, else the adapter's preprocessor file (may lack image_size)."""
     stored = load_preprocessing(adapter, revision=revision)
@@ -547,7 +533,9 @@ def _resolve_base(base_model, config, adapter: str, image_size, attn_implementat
             "base_model",
         )
     check_base_reference(base_model, adapter if recorded else None)
-    return _load_base(base_model, image_size, attn_implementation, dtype)
+    from lpt_peft.backbones import load_backbone
+
+    return load_backbone(base_model, image_size=image_size, attn_implementation=attn_implementation, dtype=dtype)
 
 
 def _check_adapter_folder(adapter: str) -> None:
@@ -578,7 +566,11 @@ def load_classifier(
     attn_implementation: str = "sdpa",
     revision: str | None = None,
 ) -> LPTImageClassifier:
-    """Load a base ViT and an LPT adapter (folders or Hub ids) into an [`LPTImageClassifier`].
+    """Load a base backbone and an LPT adapter (folders or Hub ids) into an [`LPTImageClassifier`].
+
+    The base is loaded by [`lpt_peft.backbones.load_backbone`], the loader training uses, so an adapter of every
+    registered family (ViT, DeiT, DINOv2, DINOv2 with registers, CLIP's vision tower) loads onto the class it was
+    trained on.
 
     Preprocessing, field by field: the explicit arguments; else the adapter's `preprocessor_config.json` (written by
     [`save_preprocessing`] and by the authors' checkpoint converter); else LPT's defaults: the base model's image
@@ -587,7 +579,7 @@ def load_classifier(
     Everything is checked before anything is loaded into `base_model`: a failing call leaves a passed model as it was.
 
     Args:
-        base_model: A built-in backbone name (`"demo"`, `"tiny-random"`), a folder / Hub id of the `ViTModel` the
+        base_model: A built-in backbone name (`"demo"`, `"tiny-random"`), a folder / Hub id of the checkpoint the
             adapter was trained on, an already loaded model, or None to use the `base_model_name_or_path` recorded in
             the adapter config.
         adapter: Folder / Hub id of the adapter (`adapter_config.json` + `adapter_model.safetensors`).
@@ -614,6 +606,7 @@ def load_classifier(
     """
     from peft import PeftConfig, PeftModel
 
+    from lpt_peft.backbones import backbone_image_size, check_image_size
     from lpt_peft.cli import LPTUsageError
     from lpt_peft.tuner.config import LPTConfig
 
@@ -628,12 +621,12 @@ def load_classifier(
     settings = _preprocessing_settings(adapter, revision, overrides)
 
     base = _resolve_base(base_model, config, adapter, settings.get("image_size"), attn_implementation, dtype)
-    base_size = int(base.config.image_size)
-    settings.setdefault("image_size", base_size)
-    if settings["image_size"] != base_size:
+    check_image_size(base, settings.get("image_size"))
+    settings.setdefault("image_size", backbone_image_size(base))
+    if settings["image_size"] is None:
         raise LPTUsageError(
-            f"The preprocessing crops {settings['image_size']} px images but the base model expects {base_size} px. "
-            f"Set {{image_size}} to {base_size}, or pass the base model the adapter was trained with.",
+            "The base model's config records no image size and the adapter no preprocessor_config.json; pass "
+            "{image_size}.",
             "image_size",
         )
     transform = LPTImageTransform(train=False, **settings)  # checks the values before the base is touched
@@ -648,6 +641,12 @@ def adapter_record(adapter: str | os.PathLike) -> dict[str, Any]:
     `adapter_config.json`; `image_size`, `resize_size`, `mean`, `std` from `preprocessor_config.json`; `dataset` and
     the data-set options (`lpt_data`) from the model card's metadata. Absent facts are left out.
     `examples/evaluate_lpt.py` uses them as its defaults.
+
+    Args:
+        adapter: The adapter folder (written by `save_pretrained` during training).
+
+    Returns:
+        `dict` of training-option names to values.
 
     Example:
 

@@ -1,9 +1,10 @@
-"""LPT on DeiT, DINOv2 (with and without registers) and CLIP's vision tower, against token-prompt oracles.
+"""LPT on every built-in backbone family (ViT, DeiT, DINOv2 with and without registers, CLIP's vision tower).
 
-Every oracle here is written per family from the family's own modules (embeddings, layers, final norm), without
-`lpt_peft.tuner.architectures`: prompts are inserted as real tokens after the family's prefix tokens (CLS, DeiT's
-distillation token, DINOv2's registers), run through the unmodified layer, and their outputs dropped before the next
-layer (VPT-deep, the way the LPT authors run it).
+The common tester (`TestFamilyPhase`) runs each family x phase through the same checks, as peft's
+`testing_common` does for its methods: the logits equal the prompts-as-tokens oracle of tests/oracles.py (eager and
+sdpa), a saved adapter reloads exactly, and `load_classifier` loads it from a saved base folder with the same logits
+and a card that names the family. The oracle is written per family from the family's own modules, without
+`lpt_peft.tuner.architectures`.
 """
 
 import copy
@@ -13,175 +14,51 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_adapter
-from peft import get_peft_model
+from oracles import adapter_tensors, assert_matches_oracle, model_oracle, token_features, vpt_deep
+from peft import PeftModel, get_peft_model
+from testing_utils import (
+    BASE_CLASSES,
+    FAMILIES,
+    HEAD_CLASSES,
+    TINY,
+    encoder_of,
+    randomize_adapter,
+    tiny_backbone,
+)
 from torch import nn
 from transformers import (
-    CLIPConfig,
     CLIPForImageClassification,
-    CLIPVisionConfig,
-    CLIPVisionModel,
-    CLIPVisionModelWithProjection,
-    DeiTConfig,
     DeiTForImageClassification,
-    DeiTForImageClassificationWithTeacher,
-    DeiTModel,
-    Dinov2Config,
-    Dinov2ForImageClassification,
-    Dinov2Model,
-    Dinov2WithRegistersConfig,
-    Dinov2WithRegistersForImageClassification,
-    Dinov2WithRegistersModel,
     ViTConfig,
 )
 
 from lpt_peft import LPTAttention, LPTConfig
+from lpt_peft.backbones import load_backbone
+from lpt_peft.inference import load_classifier
 from lpt_peft.tuner import architectures
 from lpt_peft.tuner.architectures import (
     AttentionSpec,
+    BackboneFamily,
     LPTArchitecture,
     deit_architectures,
     get_architecture,
+    get_backbone_family,
     register_architecture,
+    register_backbone_family,
 )
 
 K = 2  # shared layers of the 4-layer test backbones
 LAYERS, HIDDEN, HEADS, IMAGE, PATCH = 4, 32, 4, 16, 4
-REGISTERS = 2
-COMMON = {"hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS, "image_size": IMAGE}
-COMMON |= {"patch_size": PATCH, "layer_norm_eps": 1e-5}
-
-
-def _config(family):
-    if family == "deit":
-        return DeiTConfig(intermediate_size=64, **COMMON)
-    if family == "dinov2":
-        return Dinov2Config(mlp_ratio=2, **COMMON)
-    if family == "dinov2_registers":
-        return Dinov2WithRegistersConfig(mlp_ratio=2, num_register_tokens=REGISTERS, **COMMON)
-    if family == "clip":
-        return CLIPVisionConfig(intermediate_size=64, **COMMON)
-    raise AssertionError(family)
-
-
-BASE_CLASSES = {
-    "deit": DeiTModel,
-    "dinov2": Dinov2Model,
-    "dinov2_registers": Dinov2WithRegistersModel,
-    "clip": CLIPVisionModel,
+COMMON = {**TINY, "layer_norm_eps": 1e-5}
+NO_PROMPTS = [torch.zeros(1, 0, HIDDEN)] * LAYERS
+# family -> (family name the card shows, loading keyword arguments the card's code passes)
+CARD_FACTS = {
+    "vit": ("ViT", ", add_pooling_layer=False"),
+    "deit": ("DeiT", ", add_pooling_layer=False"),
+    "dinov2": ("DINOv2", ""),
+    "dinov2_registers": ("DINOv2 with registers", ""),
+    "clip": ("CLIP vision tower", ""),
 }
-# task class -> (family, attribute holding the encoder)
-HEAD_CLASSES = {
-    DeiTForImageClassification: ("deit", "deit"),
-    DeiTForImageClassificationWithTeacher: ("deit", "deit"),
-    Dinov2ForImageClassification: ("dinov2", "dinov2"),
-    Dinov2WithRegistersForImageClassification: ("dinov2_registers", "dinov2_with_registers"),
-    CLIPForImageClassification: ("clip", "vision_model"),
-    CLIPVisionModelWithProjection: ("clip", "vision_model"),
-}
-FAMILIES = list(BASE_CLASSES)
-
-
-def build(family, cls=None, attn="eager", seed=0):
-    """A tiny random model whose norms, special tokens and LayerScales are all away from their (often trivial) init."""
-    cls = cls or BASE_CLASSES[family]
-    config = _config(family)
-    kwargs = {}
-    if cls is DeiTModel:
-        kwargs["add_pooling_layer"] = False
-    if cls is CLIPForImageClassification:
-        config = CLIPConfig(
-            vision_config=config.to_dict(),
-            text_config={"hidden_size": HIDDEN, "num_hidden_layers": 1, "num_attention_heads": HEADS},
-            num_labels=3,
-        )
-    elif cls not in BASE_CLASSES.values():
-        config.num_labels = 3
-    torch.manual_seed(seed)
-    model = cls._from_config(config, attn_implementation=attn, **kwargs)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.Linear):  # unit-gain weights, so prompts move the features visibly
-                module.weight.normal_(0.0, module.in_features**-0.5)
-            elif isinstance(module, nn.LayerNorm):
-                module.weight.normal_(1.0, 0.2)
-                module.bias.normal_(0.0, 0.2)
-        for name, param in model.named_parameters():
-            if name.endswith(("cls_token", "distillation_token", "register_tokens", "class_embedding")):
-                param.normal_(0.0, 1.0)
-            elif name.endswith("position_embeddings"):
-                param.normal_(0.0, 0.3)
-            elif name.endswith("lambda1"):
-                param.uniform_(0.2, 1.5)  # LayerScale
-    return model.eval()
-
-
-def encoder_of(model):
-    for cls, (_, attr) in HEAD_CLASSES.items():
-        if type(model) is cls:
-            return getattr(model, attr)
-    return model
-
-
-def num_prefix_tokens(family):
-    return {"deit": 2, "dinov2": 1, "dinov2_registers": 1 + REGISTERS, "clip": 1}[family]
-
-
-def token_oracle(family, encoder, prompts, pixel_values, token=0):
-    """VPT-deep by hand: `prompts[i]` `(1 or batch, P_i, hidden)` join layer i as tokens after the prefix tokens.
-
-    Returns the image feature: the final state of `token` after the family's final norm.
-    """
-    if family == "clip":
-        hidden = encoder.pre_layrnorm(encoder.embeddings(pixel_values))
-        layers = encoder.encoder.layers
-    elif family in ("dinov2", "dinov2_registers"):
-        hidden = encoder.embeddings(pixel_values)
-        layers = encoder.encoder.layer
-    else:
-        hidden = encoder.embeddings(pixel_values)
-        layers = encoder.layers
-    n = num_prefix_tokens(family)
-    batch = hidden.shape[0]
-    for i, layer in enumerate(layers):
-        p = prompts[i].expand(batch, -1, -1)
-        x = layer(torch.cat([hidden[:, :n], p, hidden[:, n:]], dim=1), None)
-        hidden = torch.cat([x[:, :n], x[:, n + p.shape[1] :]], dim=1)
-    if family == "clip":
-        return encoder.post_layernorm(hidden[:, token])  # CLIP normalises only the pooled CLS token
-    return encoder.layernorm(hidden)[:, token]
-
-
-def cosine(a, b_columns):
-    return (a / a.norm(dim=-1, keepdim=True)) @ (b_columns / b_columns.norm(dim=0, keepdim=True))
-
-
-def adapter_tensors(model, name="default"):
-    layers = sorted((m for m in model.modules() if isinstance(m, LPTAttention)), key=lambda m: m.layer_idx)
-    assert [m.layer_idx for m in layers] == list(range(len(layers)))
-    shared = [m.lpt_shared_prompt[name].detach() for m in layers]
-    pool = {m.layer_idx: m.lpt_group_prompt[name].detach() for m in layers if name in m.lpt_group_prompt}
-    tuner = model.base_model
-    return shared, pool, tuner.lpt_keys[name].detach(), tuner.lpt_head[name].detach()
-
-
-def two_pass_oracle(family, encoder, model, pixel_values, top_k=2, shared_layers=K, token=0):
-    """LPT phase 2 as the authors run it: a query pass, then a full main pass with per-image group prompts."""
-    shared, pool, keys, head = adapter_tensors(model)
-    query = token_oracle(family, encoder, [p.unsqueeze(0) for p in shared], pixel_values, token)
-    sim = cosine(query, keys.T)
-    idx = sim.topk(top_k, dim=-1).indices
-    batch = pixel_values.shape[0]
-    prompts = []
-    for i, p in enumerate(shared):
-        if i < shared_layers:
-            prompts.append(p.unsqueeze(0))
-        else:
-            group = torch.stack([pool[i][idx[b]].mean(dim=0) for b in range(batch)])
-            prompts.append(torch.cat([p.unsqueeze(0).expand(batch, -1, -1), group], dim=1))
-    features = token_oracle(family, encoder, prompts, pixel_values, token)
-    match = torch.stack([sim[b, idx[b]].sum() for b in range(batch)]).mean()
-    return features, cosine(features, head), idx, match, query
 
 
 def lpt(model, **overrides):
@@ -190,24 +67,40 @@ def lpt(model, **overrides):
     return get_peft_model(model, LPTConfig(**values)).eval()
 
 
+def spread_keys(model, pixel_values):
+    """Keys at the queries of the first five images, so that images select different groups in phase 2."""
+    with torch.no_grad():
+        model.base_model.lpt_keys["default"].copy_(model(pixel_values=pixel_values).query[:5])
+
+
+def prepared(base, phase, pixel_values):
+    """`lpt(base)` with adapter weights off their init, in `phase`, keys spread over the images in phase 2."""
+    model = lpt(base)
+    randomize_adapter(model)
+    if phase == 2:
+        model.base_model.set_phase(2)
+        spread_keys(model, pixel_values)
+    return model
+
+
 # ---------------------------------------------------------------- the oracle itself
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_oracle_without_prompts_is_the_familys_own_pooled_feature(family):
-    model = build(family)
+    model = tiny_backbone(family)
     x = torch.randn(2, 3, IMAGE, IMAGE)
-    no_prompts = [torch.zeros(1, 0, HIDDEN)] * LAYERS
     with torch.no_grad():
         out = model(pixel_values=x)
-        oracle = token_oracle(family, model, no_prompts, x)
-    if family == "deit":
-        # DeiTForImageClassification classifies last_hidden_state[:, 0] (CLS; index 1 is the distillation token).
+        oracle = token_features(model, NO_PROMPTS, x)
+    if family in ("vit", "deit"):
+        # ViTModel and DeiTForImageClassification classify last_hidden_state[:, 0] (CLS; DeiT's index 1 is the
+        # distillation token).
         torch.testing.assert_close(oracle, out.last_hidden_state[:, 0], atol=1e-6, rtol=0)
-        torch.testing.assert_close(
-            token_oracle(family, model, no_prompts, x, token=1), out.last_hidden_state[:, 1], atol=1e-6, rtol=0
-        )
-    else:
+    if family == "deit":
+        distillation = token_features(model, NO_PROMPTS, x, token=1)
+        torch.testing.assert_close(distillation, out.last_hidden_state[:, 1], atol=1e-6, rtol=0)
+    if family not in ("vit", "deit"):
         # DINOv2: layernorm(sequence)[:, 0]. CLIP: post_layernorm(last_hidden_state[:, 0]), and CLIP's
         # last_hidden_state itself is not normalised, so the pooled output is the feature to match.
         torch.testing.assert_close(oracle, out.pooler_output, atol=1e-6, rtol=0)
@@ -218,56 +111,117 @@ def test_oracle_without_prompts_is_the_familys_own_pooled_feature(family):
         torch.testing.assert_close(get_architecture(model).image_features(model, x), oracle, atol=1e-6, rtol=0)
 
 
-# ---------------------------------------------------------------- phase 1 and phase 2 against the oracles
+# ---------------------------------------------------------------- the common tester: families x phases
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("phase", [1, 2])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_phase1_equals_token_oracle(family, attn):
-    base = build(family, attn=attn)
-    reference = copy.deepcopy(base)
-    model = lpt(base)
-    assert base.config._attn_implementation == attn
-    randomize_adapter(model)
-    x = torch.randn(3, 3, IMAGE, IMAGE)
-    out = model(pixel_values=x)
-    shared, _, _, head = adapter_tensors(model)
-    assert len(shared) == LAYERS
-    with torch.no_grad():
-        expected = token_oracle(family, reference, [p.unsqueeze(0) for p in shared], x)
-        without_prompts = token_oracle(family, reference, [torch.zeros(1, 0, HIDDEN)] * LAYERS, x)
-    torch.testing.assert_close(out.features, expected, atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.logits, cosine(expected, head), atol=1e-5, rtol=0)
-    assert (out.features - without_prompts).abs().max() > 1e-2  # the prompts change the feature
+class TestFamilyPhase:
+    """The same checks for every backbone family in both phases."""
+
+    @pytest.mark.parametrize("attn", ["eager", "sdpa"])
+    def test_logits_equal_the_token_oracle(self, family, phase, attn):
+        base = tiny_backbone(family, attn=attn)
+        reference = copy.deepcopy(base)
+        x = torch.randn(6, 3, IMAGE, IMAGE)
+        model = prepared(base, phase, x)
+        assert base.config._attn_implementation == attn
+        out = model(pixel_values=x)
+        with torch.no_grad():
+            expected = model_oracle(reference, model, x)
+            without_prompts = token_features(reference, NO_PROMPTS, x)
+        assert out.logits.shape == (6, 5)
+        assert_matches_oracle(out, expected)
+        assert (out.features - without_prompts).abs().max() > 1e-2  # the prompts change the feature
+        if phase == 2:  # different images select different groups, so per-image prompts are exercised
+            assert len({tuple(sorted(row.tolist())) for row in out.group_indices}) > 1
+
+    def test_save_and_reload_is_exact(self, family, phase, tmp_path):
+        x = torch.randn(6, 3, IMAGE, IMAGE)
+        model = prepared(tiny_backbone(family), phase, x)
+        model.save_pretrained(tmp_path / "adapter")
+        loaded = PeftModel.from_pretrained(tiny_backbone(family), tmp_path / "adapter").eval()
+        assert loaded.peft_config["default"].phase == phase
+        with torch.no_grad():
+            expected, got = model(pixel_values=x), loaded(pixel_values=x)
+        assert torch.equal(got.logits, expected.logits)
+
+    def test_load_classifier_equals_the_in_memory_model(self, family, phase, tmp_path):
+        tiny_backbone(family).save_pretrained(tmp_path / "base")
+        base = load_backbone(str(tmp_path / "base"), image_size=IMAGE, attn_implementation="eager")  # as training
+        assert type(base) is BASE_CLASSES[family]
+        x = torch.randn(6, 3, IMAGE, IMAGE)
+        model = prepared(base, phase, x)
+        model.save_pretrained(tmp_path / "adapter")
+        # The base is the one the adapter recorded (an absolute folder), as in a fresh process after training.
+        classifier = load_classifier(None, tmp_path / "adapter", device="cpu", attn_implementation="eager")
+        assert type(classifier.model.get_base_model()) is BASE_CLASSES[family]
+        assert classifier.transform.image_size == IMAGE
+        with torch.no_grad():
+            expected = model(pixel_values=x).logits
+            got = classifier.model(pixel_values=x).logits
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        # The card names the family and the class, with the loading arguments the loader uses.
+        card = (tmp_path / "adapter" / "README.md").read_text()
+        name, kwargs = CARD_FACTS[family]
+        cls = BASE_CLASSES[family].__name__
+        assert f"{name} family, {cls}, hidden size {HIDDEN}" in card
+        assert f"from transformers import {cls}\n" in card
+        assert f'base = {cls}.from_pretrained("{tmp_path / "base"}"{kwargs})' in card
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_phase2_equals_two_pass_oracle(family, attn):
-    base = build(family, attn=attn)
-    reference = copy.deepcopy(base)
-    model = lpt(base)
-    randomize_adapter(model)
-    model.base_model.set_phase(2)
-    x = torch.randn(6, 3, IMAGE, IMAGE)
-    with torch.no_grad():
-        # Keys at the queries of five images, so that the images select different groups.
-        model.base_model.lpt_keys["default"].copy_(model(pixel_values=x).query[:5])
-    out = model(pixel_values=x)
-    with torch.no_grad():
-        features, logits, idx, match, query = two_pass_oracle(family, reference, model, x)
-    assert torch.equal(out.group_indices, idx)
-    assert len({tuple(sorted(row.tolist())) for row in idx}) > 1
-    torch.testing.assert_close(out.query, query, atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.features, features, atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.logits, logits, atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.match_score, match, atol=1e-5, rtol=0)
+def test_image_size_rule_comes_from_the_family(family, tmp_path):
+    """DINOv2 resamples its position grid to any input; the other families refuse another size, naming the flag."""
+    tiny_backbone(family).save_pretrained(tmp_path / "base")
+    if get_backbone_family(BASE_CLASSES[family].config_class.model_type).any_image_size:
+        assert family.startswith("dinov2")
+        model = load_backbone(str(tmp_path / "base"), image_size=2 * IMAGE)
+        with torch.no_grad():
+            assert model(pixel_values=torch.randn(1, 3, 2 * IMAGE, 2 * IMAGE)).last_hidden_state.shape[1] > 17
+    else:
+        with pytest.raises(ValueError, match=rf"base model expects {IMAGE} px images but image_size= is {2 * IMAGE}"):
+            load_backbone(str(tmp_path / "base"), image_size=2 * IMAGE)
+
+
+def test_task_checkpoint_loads_as_its_class_and_unknown_families_are_named(tmp_path):
+    tiny_backbone("deit", cls=DeiTForImageClassification).save_pretrained(tmp_path / "deit")
+    assert type(load_backbone(str(tmp_path / "deit"))) is DeiTForImageClassification  # layer names kept
+    # A full CLIP checkpoint (model_type "clip") loads its vision tower.
+    tiny_backbone("clip", cls=CLIPForImageClassification).save_pretrained(tmp_path / "clip")
+    assert type(load_backbone(str(tmp_path / "clip"))).__name__ == "CLIPVisionModel"
+    from transformers import BertConfig, BertModel
+
+    bert = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    BertModel(bert).save_pretrained(tmp_path / "bert")
+    with pytest.raises(ValueError, match=r"cannot load a 'bert' checkpoint.*clip_vision_model, deit, dinov2"):
+        load_backbone(str(tmp_path / "bert"))
+    with pytest.raises(ValueError, match="Cannot load the base model .*base_model="):
+        load_backbone(str(tmp_path / "nowhere"))
+
+
+def test_registered_family_loads(monkeypatch, tmp_path):
+    """A family registered with register_backbone_family (docs/architectures.md's snippet) is loaded by the loader."""
+    from transformers import ViTMSNConfig, ViTMSNModel
+
+    monkeypatch.setattr(architectures, "BACKBONE_FAMILIES", list(architectures.BACKBONE_FAMILIES))
+    ViTMSNModel(ViTMSNConfig(**COMMON, intermediate_size=64)).save_pretrained(tmp_path / "msn")
+    with pytest.raises(ValueError, match="cannot load a 'vit_msn' checkpoint"):
+        load_backbone(str(tmp_path / "msn"))
+    exec(compile(_docs_example(1), "docs/architectures.md", "exec"), {})  # the docs' snippet, as written
+    assert get_backbone_family("vit_msn") == BackboneFamily("vit_msn", "ViTMSNModel", "ViT-MSN")
+    assert type(load_backbone(str(tmp_path / "msn"), image_size=IMAGE)) is ViTMSNModel
+    with pytest.raises(TypeError, match="expects BackboneFamily entries, got dict"):
+        register_backbone_family({"model_type": "x"})
+
+
+# ---------------------------------------------------------------- task models, DeiT's distillation token
 
 
 @pytest.mark.parametrize("cls", list(HEAD_CLASSES), ids=lambda c: c.__name__)
 def test_task_models_use_the_encoder_and_lpts_cosine_head(cls):
     family, _ = HEAD_CLASSES[cls]
-    base = build(family, cls=cls, attn="sdpa")
+    base = tiny_backbone(family, cls=cls, attn="sdpa")
     reference = copy.deepcopy(encoder_of(base))
     model = lpt(base, num_labels=4, shared_layers=1, top_k=1)
     randomize_adapter(model)
@@ -275,16 +229,15 @@ def test_task_models_use_the_encoder_and_lpts_cosine_head(cls):
     x = torch.randn(3, 3, IMAGE, IMAGE)
     out = model(pixel_values=x)
     with torch.no_grad():
-        _, logits, idx, _, _ = two_pass_oracle(family, reference, model, x, top_k=1, shared_layers=1)
+        expected = model_oracle(reference, model, x)
     assert out.logits.shape == (3, 4)  # LPT's 4-class cosine head, not the model's 3-class head
-    assert torch.equal(out.group_indices, idx)
-    torch.testing.assert_close(out.logits, logits, atol=1e-5, rtol=0)
+    assert_matches_oracle(out, expected)
 
 
 def test_deit_distillation_token_can_be_the_feature(monkeypatch):
     monkeypatch.setattr(architectures, "ARCHITECTURES", list(architectures.ARCHITECTURES))
     register_architecture(*deit_architectures("distillation"))
-    base = build("deit")
+    base = tiny_backbone("deit")
     reference = copy.deepcopy(base)
     model = lpt(base)
     randomize_adapter(model)
@@ -292,11 +245,9 @@ def test_deit_distillation_token_can_be_the_feature(monkeypatch):
     x = torch.randn(4, 3, IMAGE, IMAGE)
     out = model(pixel_values=x)
     with torch.no_grad():
-        features, logits, idx, _, query = two_pass_oracle("deit", reference, model, x, token=1)
-        cls_query = token_oracle("deit", reference, [p.unsqueeze(0) for p in adapter_tensors(model)[0]], x)
-    torch.testing.assert_close(out.query, query, atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.features, features, atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.logits, logits, atol=1e-5, rtol=0)
+        expected = model_oracle(reference, model, x, token=1)
+        cls_query = token_features(reference, [p.unsqueeze(0) for p in adapter_tensors(model)[0]], x)
+    assert_matches_oracle(out, expected)
     assert (out.query - cls_query).abs().max() > 1e-2
     with pytest.raises(ValueError, match=r"feature_token must be one of \['cls', 'distillation'\], got 'mean'"):
         deit_architectures("mean")
@@ -309,7 +260,7 @@ def test_deit_distillation_token_can_be_the_feature(monkeypatch):
     "family, cls", [(f, None) for f in FAMILIES] + [(f, c) for c, (f, _) in HEAD_CLASSES.items()], ids=str
 )
 def test_disable_adapter_gives_the_base_model_exactly(family, cls):
-    base = build(family, cls=cls, attn="sdpa")
+    base = tiny_backbone(family, cls=cls, attn="sdpa")
     reference = copy.deepcopy(base)
     model = lpt(base)
     randomize_adapter(model)
@@ -331,7 +282,7 @@ def test_disable_adapter_gives_the_base_model_exactly(family, cls):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_unload_restores_the_original_attention_classes(family):
-    base = build(family)
+    base = tiny_backbone(family)
     reference = copy.deepcopy(base)
     original = {name: type(m) for name, m in base.named_modules() if name.endswith(("attention", "self_attn"))}
     assert len(original) == LAYERS
@@ -379,14 +330,14 @@ def test_wrong_entries_fail_at_get_peft_model_naming_the_field(monkeypatch):
     # The ViT attention layout on CLIP: CLIPAttention has out_proj/scale/dropout, not o_proj/scaling/...
     register_architecture(LPTArchitecture(model_classes=("CLIPVisionModel",), backbone_attr=None, **clip_layout))
     with pytest.raises(ValueError, match=r"LPT cannot wrap CLIPAttention: .*output_attr='o_proj', scaling_attr="):
-        lpt(build("clip"))
+        lpt(tiny_backbone("clip"))
     register_architecture(
         LPTArchitecture(
             model_classes=("CLIPVisionModel",), backbone_attr=None, **(clip_layout | {"layers_attr": "layers"})
         )
     )
     with pytest.raises(ValueError, match=r"layer list \(layers_attr\) is at `layers`, but CLIPVisionModel has no"):
-        lpt(build("clip"))
+        lpt(tiny_backbone("clip"))
     with pytest.raises(TypeError, match="register_architecture expects LPTArchitecture entries, got dict"):
         register_architecture(clip_layout)
     with pytest.raises(TypeError, match="model_classes must be a non-empty tuple"):
@@ -396,7 +347,7 @@ def test_wrong_entries_fail_at_get_peft_model_naming_the_field(monkeypatch):
 
 
 def test_unsupported_embedding_option_is_an_error_not_ignored():
-    model = lpt(build("clip"))
+    model = lpt(tiny_backbone("clip"))
     x = torch.randn(1, 3, IMAGE, IMAGE)
     with pytest.raises(ValueError, match="CLIPVisionModel does not support `bool_masked_pos`"):
         model(pixel_values=x, bool_masked_pos=torch.zeros(1, (IMAGE // PATCH) ** 2, dtype=torch.bool))
@@ -405,10 +356,11 @@ def test_unsupported_embedding_option_is_an_error_not_ignored():
 # ---------------------------------------------------------------- registering another backbone
 
 
-def _docs_example() -> str:
+def _docs_example(index: int = 0) -> str:
+    """The `index`-th python snippet of docs/architectures.md's "Supporting another backbone" section."""
     text = (Path(__file__).parents[1] / "docs" / "architectures.md").read_text()
     section = text.split("## Supporting another backbone", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    return re.findall(r"```python\n(.*?)```", section, re.S)[index]
 
 
 def test_docs_worked_example_vit_msn(monkeypatch):
@@ -428,12 +380,7 @@ def test_docs_worked_example_vit_msn(monkeypatch):
     out = model(pixel_values=x)
     shared = adapter_tensors(model)[0]
     with torch.no_grad():
-        hidden = reference.embeddings(x)
-        for i, layer in enumerate(reference.layers):
-            p = shared[i].expand(2, -1, -1)
-            h = layer(torch.cat([hidden[:, :1], p, hidden[:, 1:]], dim=1), None)
-            hidden = torch.cat([h[:, :1], h[:, 1 + p.shape[1] :]], dim=1)
-        expected = reference.layernorm(hidden)[:, 0]
+        expected = token_features(reference, [p.unsqueeze(0) for p in shared], x)  # ViT's layout, by hand
     torch.testing.assert_close(out.features, expected, atol=1e-5, rtol=0)
 
 
@@ -529,11 +476,7 @@ def test_custom_attention_layout(monkeypatch, attn):
     out = model(pixel_values=x)
     shared = adapter_tensors(model)[0]
     with torch.no_grad():
-        hidden = reference.embed(x)
-        for i, block in enumerate(reference.blocks):
-            p = shared[i].expand(2, -1, -1)
-            h = block(torch.cat([hidden[:, :1], p, hidden[:, 1:]], dim=1))
-            hidden = torch.cat([h[:, :1], h[:, 1 + p.shape[1] :]], dim=1)
+        hidden = vpt_deep(reference.embed(x), list(reference.blocks), [p.unsqueeze(0) for p in shared])
         expected = reference.norm(hidden)[:, 0]
         with model.disable_adapter():
             assert torch.equal(model(pixel_values=x), reference(x))

@@ -10,16 +10,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from oracles import lpt_oracle, vpt_deep
 from peft import PeftModel
 from transformers import ViTModel
 
 import lpt_peft  # noqa: F401  (registers LPT with peft)
-from lpt_peft.interop.convert_authors import (
-    convert_authors_checkpoint,
-    load_authors_checkpoint,
-    read_labels_file,
-    timm_vit_to_hf,
-)
+from lpt_peft.interop.authors import convert_authors_checkpoint, load_authors_checkpoint, read_labels_file
+from lpt_peft.interop.timm import timm_vit_to_hf
 
 # Small dimensions with the authors' layout: D=32, L=4, 2 heads, P=3, m=5, Pg=2, K=2, C=7, 32 px, patch 8.
 D, L, HEADS, P, M, PG, K, C, IMAGE, PATCH, MLP = 32, 4, 2, 3, 5, 2, 2, 7, 32, 8, 64
@@ -91,41 +88,43 @@ def timm_block(sd, i, x):
 
 
 def timm_features(sd, images, prompts_per_layer=None):
-    """Patch conv, class token, positions, blocks (prompts appended as tokens, dropped after each block), final norm.
+    """Patch conv, class token, positions, blocks (prompts as tokens, dropped after each block), final norm.
 
-    `prompts_per_layer[i]` is (batch, n_i, D) or None. Returns the CLS feature.
+    `prompts_per_layer[i]` is `(1 or batch, n_i, D)`, or the whole list None for no prompts. Returns the CLS feature.
     """
     x = F.conv2d(images, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=PATCH)
     x = x.flatten(2).transpose(1, 2)
     x = torch.cat([sd["cls_token"].expand(len(images), -1, -1), x], dim=1) + sd["pos_embed"]
-    for i in range(L):
-        prompts = None if prompts_per_layer is None else prompts_per_layer[i]
-        if prompts is None:
-            x = timm_block(sd, i, x)
-        else:
-            n = x.shape[1]
-            x = timm_block(sd, i, torch.cat([x, prompts], dim=1))[:, :n]
+    prompts_per_layer = prompts_per_layer or [torch.zeros(1, 0, D)] * L
+    x = vpt_deep(x, [lambda h, i=i: timm_block(sd, i, h) for i in range(L)], prompts_per_layer, num_prefix=1)
     return F.layer_norm(x, (D,), sd["norm.weight"], sd["norm.bias"], EPS)[:, 0]
 
 
+def authors_oracle(sd, images, phase=2, top_k=2):
+    """The authors' model from their raw tensors: the shared oracle of tests/oracles.py on the timm forward above.
+
+    Phase 2: query pass with shared prompts; top-k keys by cosine; main pass with shared + mean group prompts;
+    cosine head `(D, C)`. Phase 1: shared prompts, cosine head.
+    """
+    shared = list(sd["prompt_learner.Prompt_Tokens"])
+    pool = sd.get("prompt_learner.Prompt_Tokens_pool")
+    groups = {i: pool[:, i - (L - pool.shape[1])] for i in range(L - pool.shape[1], L)} if pool is not None else {}
+    return lpt_oracle(
+        lambda prompts: timm_features(sd, images, prompts),
+        shared,
+        groups,
+        sd.get("prompt_learner.Prompt_Keys"),
+        sd["prompt_learner.head.weight"],
+        phase=phase,
+        top_k=top_k,
+        shared_layers=L - pool.shape[1] if pool is not None else L,
+    )
+
+
 def authors_phase2_forward(sd, images, top_k=2):
-    """Query pass with shared prompts; top-k keys by cosine; main pass with shared + mean group prompts; cos head."""
-    batch = len(images)
-    shared = sd["prompt_learner.Prompt_Tokens"]
-    pool = sd["prompt_learner.Prompt_Tokens_pool"]
-    query = timm_features(sd, images, [shared[i].expand(batch, -1, -1) for i in range(L)])
-    sim = F.normalize(query, dim=-1) @ F.normalize(sd["prompt_learner.Prompt_Keys"], dim=-1).T
-    chosen = sim.topk(top_k, dim=-1).indices
-    mean_group = pool[chosen].mean(dim=1)  # (batch, L - K, PG, D)
-    prompts = [
-        shared[i].expand(batch, -1, -1)
-        if i < K
-        else torch.cat([shared[i].expand(batch, -1, -1), mean_group[:, i - K]], 1)
-        for i in range(L)
-    ]
-    feature = timm_features(sd, images, prompts)
-    head = sd["prompt_learner.head.weight"]
-    return F.normalize(feature, dim=-1) @ F.normalize(head, dim=0), chosen, query
+    """`(logits, chosen groups, query)` of the authors' phase-2 model."""
+    out = authors_oracle(sd, images, phase=2, top_k=top_k)
+    return out.logits, out.group_indices, out.query
 
 
 @pytest.fixture(scope="module")
@@ -336,9 +335,7 @@ def test_example_script(authors_state, tmp_path, capsys):
 # ------------------------------------------------------------------ the authors' phase-1 model (no group pool)
 def authors_phase1_forward(sd, images):
     """Shared prompts in every layer, final norm, CLS, cosine head: the authors' phase-1 PromptModels."""
-    shared = sd["prompt_learner.Prompt_Tokens"]
-    feature = timm_features(sd, images, [shared[i].expand(len(images), -1, -1) for i in range(L)])
-    return F.normalize(feature, dim=-1) @ F.normalize(sd["prompt_learner.head.weight"], dim=0)
+    return authors_oracle(sd, images, phase=1).logits
 
 
 def phase1_state(authors_state):
@@ -448,3 +445,12 @@ def test_relative_output_records_an_absolute_base_and_layers_are_counted_alike(
     card = (tmp_path / "converted" / "adapter" / "README.md").read_text()
     layers = f"layers {K + 1}..{L}"  # 1-based, in the script's output and in the card alike
     assert layers in printed and layers in card
+
+
+def test_old_module_path_re_exports_both_converters():
+    """`lpt_peft.interop.convert_authors` (the module before the split) still names the same functions."""
+    from lpt_peft.interop import authors, convert_authors, timm
+
+    for name in convert_authors.__all__:
+        assert getattr(convert_authors, name) is getattr(authors if hasattr(authors, name) else timm, name), name
+    assert set(convert_authors.__all__) == set(authors.__all__) | set(timm.__all__)

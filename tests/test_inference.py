@@ -10,6 +10,7 @@ import PIL.Image
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from testing_utils import randomize_adapter, tiny_vit_config
 from transformers import AutoImageProcessor, ViTModel
 
 import lpt_peft
@@ -24,11 +25,6 @@ SIZE, RESIZE = 16, 20
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A saved tiny base ViT and phase-2 adapter (weights moved off their init) with non-default preprocessing."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import tiny_vit_config
-
     path = tmp_path_factory.mktemp("lpt")
     torch.manual_seed(0)
     config = tiny_vit_config()
@@ -37,11 +33,7 @@ def saved(tmp_path_factory):
     vit = ViTModel.from_pretrained(path / "base", add_pooling_layer=False, attn_implementation="eager")
     lpt = lpt_peft.LPTConfig(num_labels=5, shared_layers=2, num_groups=4, prompt_length=3, id2label=LABELS)
     model = get_peft_model(vit, lpt)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lpt_" in name:
-                param.add_(torch.randn(param.shape, generator=gen) * 0.5)
+    randomize_adapter(model, seed=1, scale=0.5)
     model.base_model.set_phase(2)
     model.eval().save_pretrained(path / "adapter")
     save_preprocessing(path / "adapter", image_size=SIZE, resize_size=RESIZE, mean=MEAN, std=STD)

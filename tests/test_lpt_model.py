@@ -6,8 +6,9 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_adapter
+from oracles import adapter_tensors, assert_matches_oracle, cosine, model_oracle
 from peft import PeftModel, get_peft_model
+from testing_utils import randomize_adapter
 from transformers import ViTForImageClassification, ViTModel
 from transformers.models.vit.modeling_vit import ViTAttention
 
@@ -15,56 +16,6 @@ import lpt_peft
 from lpt_peft import LPTAttention, LPTConfig
 
 K = 2  # shared layers of the tiny 4-layer test ViT
-
-
-def vpt_deep_reference(vit, prompts, pixel_values):
-    """Prompts as real tokens after CLS in every layer; their outputs dropped before the next layer.
-
-    `prompts[i]` has shape (1 or batch, P_i, hidden). Returns the final-norm sequence output.
-    """
-    hidden = vit.embeddings(pixel_values)
-    batch = hidden.shape[0]
-    for i, layer in enumerate(vit.layers):
-        p = prompts[i].expand(batch, -1, -1)
-        x = torch.cat([hidden[:, :1], p, hidden[:, 1:]], dim=1)
-        x = layer(x, None)
-        hidden = torch.cat([x[:, :1], x[:, 1 + p.shape[1] :]], dim=1)
-    return vit.layernorm(hidden)
-
-
-def cosine(a, b_columns):
-    return (a / a.norm(dim=-1, keepdim=True)) @ (b_columns / b_columns.norm(dim=0, keepdim=True))
-
-
-def adapter_tensors(model, name="default"):
-    tuner = model.base_model
-    layers = tuner.model.layers if hasattr(tuner.model, "layers") else tuner.model.vit.layers
-    shared = [layer.attention.lpt_shared_prompt[name].detach() for layer in layers]
-    pool = {
-        i: layer.attention.lpt_group_prompt[name].detach()
-        for i, layer in enumerate(layers)
-        if name in layer.attention.lpt_group_prompt
-    }
-    return shared, pool, tuner.lpt_keys[name].detach(), tuner.lpt_head[name].detach()
-
-
-def phase2_reference(reference_vit, model, pixel_values, top_k=2, shared_layers=K):
-    """The authors' two-pass computation: a query pass and a main pass, both from the input, prompts as tokens."""
-    shared, pool, keys, head = adapter_tensors(model)
-    query = vpt_deep_reference(reference_vit, [p.unsqueeze(0) for p in shared], pixel_values)[:, 0]
-    sim = cosine(query, keys.T)
-    idx = sim.topk(top_k, dim=-1).indices
-    match = torch.stack([sim[b, idx[b]].sum() for b in range(len(idx))]).mean()
-    batch = pixel_values.shape[0]
-    prompts = []
-    for i, p in enumerate(shared):
-        if i < shared_layers:
-            prompts.append(p.unsqueeze(0))
-        else:
-            group = torch.stack([pool[i][idx[b]].mean(dim=0) for b in range(batch)])
-            prompts.append(torch.cat([p.unsqueeze(0).expand(batch, -1, -1), group], dim=1))
-    out = vpt_deep_reference(reference_vit, prompts, pixel_values)[:, 0]
-    return cosine(out, head), idx, match, query, sim
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -75,15 +26,12 @@ def test_phase1_equals_vpt_deep_oracle(make_vit, attn):
     randomize_adapter(model)
     x = torch.randn(4, 3, 16, 16)
     out = model(pixel_values=x)
-    shared, _, _, head = adapter_tensors(model)
     with torch.no_grad():
-        expected_features = vpt_deep_reference(reference, [p.unsqueeze(0) for p in shared], x)[:, 0]
-        expected = cosine(expected_features, head)
+        expected = model_oracle(reference, model, x)
     assert out.logits.shape == (4, 7)
-    torch.testing.assert_close(out.features, expected_features, atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=0)
-    assert out.group_indices is None and out.match_score is None
+    assert_matches_oracle(out, expected)  # features, logits; no group outputs in phase 1
     # The prompts matter: without them the oracle gives other logits.
+    head = adapter_tensors(model)[3]
     no_prompt = cosine(reference(pixel_values=x).last_hidden_state[:, 0], head)
     assert (no_prompt - out.logits).abs().max() > 1e-2
 
@@ -102,14 +50,10 @@ def test_phase2_equals_two_pass_token_oracle(make_vit, attn):
         model.base_model.lpt_keys["default"].copy_(model(pixel_values=x).query[:5])
     out = model(pixel_values=x)
     with torch.no_grad():
-        logits, idx, match, query, sim = phase2_reference(reference, model, x)
-    assert torch.equal(out.group_indices, idx)
-    torch.testing.assert_close(out.logits, logits, atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.match_score, match, atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.query, query, atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.key_similarity, sim, atol=1e-5, rtol=0)
+        expected = model_oracle(reference, model, x)
+    assert_matches_oracle(out, expected)  # groups, logits, match score, query, key similarities
     # Different images select different groups here, so per-sample prompts are exercised.
-    assert len({tuple(sorted(row.tolist())) for row in idx}) > 1
+    assert len({tuple(sorted(row.tolist())) for row in out.group_indices}) > 1
 
 
 def test_top_k_one_and_vit_for_image_classification(make_vit):
@@ -122,11 +66,10 @@ def test_top_k_one_and_vit_for_image_classification(make_vit):
     x = torch.randn(3, 3, 16, 16)
     out = model(pixel_values=x)
     with torch.no_grad():
-        logits, idx, match, _, _ = phase2_reference(reference, model, x, top_k=1, shared_layers=1)
+        expected = model_oracle(reference, model, x)  # top_k=1, shared_layers=1 from the adapter config
     # The adapter's cosine head replaces the 3-class linear classifier.
     assert out.logits.shape == (3, 4)
-    torch.testing.assert_close(out.logits, logits, atol=1e-5, rtol=0)
-    assert torch.equal(out.group_indices, idx)
+    assert_matches_oracle(out, expected)
 
 
 @pytest.mark.parametrize("phase, expected_passes", [(1, 4), (2, 4 + (4 - K))])

@@ -9,8 +9,8 @@ import huggingface_hub.file_download
 import pytest
 import torch
 import transformers.utils.hub
-from conftest import randomize_adapter, tiny_vit_config
 from peft import get_peft_model
+from testing_utils import randomize_adapter, tiny_vit_config
 from transformers import ViTModel
 
 import lpt_peft
@@ -226,3 +226,20 @@ def test_evaluate_names_its_base_flag(relative_base, monkeypatch, no_network, ca
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and "records its base model as 'base'" in error
     assert "--model_name_or_path" in error and "base_model=" not in error
+
+
+def test_train_script_names_its_flags_when_the_backbone_refuses_the_image_size(tmp_path, monkeypatch, capsys):
+    """The training script loads through the one backbone loader; its refusals name the script's own flags."""
+    monkeypatch.chdir(tmp_path)
+    ViTModel(tiny_vit_config(), add_pooling_layer=False).save_pretrained("vit")  # a 16 px ViT
+    common = ["--dataset", "synthetic", "--num_classes", "4", "--n_max", "8", "--imbalance", "2"]
+    common += ["--output_dir", "out"]
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("train_lpt").main([*common, "--model_name_or_path", "vit", "--image_size", "32"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "the base model expects 16 px images but --image_size is 32" in error
+    assert "Set --image_size to 16" in error and "Traceback" not in error
+    with pytest.raises(SystemExit):
+        load_script("train_lpt").main([*common, "--model_name_or_path", "./missing", "--image_size", "16"])
+    error = capsys.readouterr().err
+    assert "Cannot load the base model './missing'" in error and "--model_name_or_path" in error

@@ -75,7 +75,14 @@ def _looks_like_hub_id(name: str | None) -> bool:
 
 
 def card_base_reference(base: str | None) -> str | None:
-    """The base as a card may record it: a built-in name or Hub id as is, an existing local path made absolute."""
+    """The base as a card may record it: a built-in name or Hub id as is, an existing local path made absolute.
+
+    Args:
+        base: A built-in backbone name, a Hub id, a path, or None.
+
+    Returns:
+        The reference to write (None stays None).
+    """
     from lpt_peft.backbones import BUILTIN_BACKBONES
 
     if not base or base in BUILTIN_BACKBONES or not os.path.exists(base):
@@ -155,15 +162,27 @@ def _classes_line(config) -> str:
     return f"- Classes: {config.num_labels} ({names})"
 
 
+def _base_facts(model) -> tuple[str, str, dict, int | None]:
+    """Class name, family name, loading keyword arguments and image size of the base, from the family registry."""
+    from lpt_peft.backbones import backbone_image_size
+    from lpt_peft.tuner.architectures import family_of
+
+    class_name = type(model).__name__
+    try:
+        family = family_of(model)
+    except (TypeError, ValueError):  # a class registered with register_architecture but no BackboneFamily
+        return class_name, class_name, {}, getattr(getattr(model, "config", None), "image_size", None)
+    return class_name, family.name, family.load_kwargs(class_name), backbone_image_size(model)
+
+
 def _section(peft_model, config, info: Mapping[str, Any], with_title: bool) -> list[str]:
     tuner = peft_model.base_model
-    base_class = type(tuner.model).__name__
+    base_class, family_name, load_kwargs, image_size = _base_facts(tuner.model)
     base = card_base_reference(info.get("base_model") or config.base_model_name_or_path)
     base = base or "<path or Hub id of the base ViT>"
     repo = info.get("repo_id") or "<this repo id or folder>"
     dataset = info.get("dataset")
-    image_size = getattr(getattr(tuner.model, "config", None), "image_size", None)
-    pooling_kwarg = ", add_pooling_layer=False" if base_class == "ViTModel" else ""
+    pooling_kwarg = "".join(f", {key}={value!r}" for key, value in load_kwargs.items())
     total, detail = _adapter_parameters(config)
     phase_text = "shared prompts" if config.phase == 1 else "shared prompts + group prompts chosen per image"
 
@@ -213,8 +232,8 @@ def _section(peft_model, config, info: Mapping[str, Any], with_title: bool) -> l
         "",
         f"{h} Model details",
         "",
-        f"- Base model: `{base}` ({base_class}, hidden size {config.hidden_size}, {config.num_hidden_layers} layers), "
-        "frozen",
+        f"- Base model: `{base}` ({family_name} family, {base_class}, hidden size {config.hidden_size}, "
+        f"{config.num_hidden_layers} layers), frozen",
     ]
     lines += _data_lines(info)
     lines += [
@@ -273,6 +292,9 @@ def add_lpt_section(peft_model, card_path: str, adapter_name: str | None = None)
         peft_model: The `PeftModel`.
         card_path: The `README.md` of the folder that holds the adapter's weights.
         adapter_name: The adapter stored in that folder (default: the active adapter).
+
+    Raises:
+        TypeError: `base_model.card_info` (or its `adapters` entry) is not a dict.
 
     Example:
 

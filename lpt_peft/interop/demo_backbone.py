@@ -308,7 +308,50 @@ def convert_dinov2_onnx_to_vit(onnx_path: str | os.PathLike, image_size: int = 5
         raise ValueError(f"image_size must be a positive int (pixels), got {image_size!r}.")
     model = _load_onnx(onnx_path)
     named = _named_backbone_arrays(model)
+    src = _backbone_parameters(named, onnx_path)
 
+    hidden = src["embeddings.cls_token"].shape[-1]
+    patch_weight = src["embeddings.patch_embeddings.projection.weight"]
+    patch_size = patch_weight.shape[-1]
+    if patch_weight.shape[-2] != patch_size:
+        raise ValueError(f"Non-square patches {tuple(patch_weight.shape[-2:])} are not supported.")
+    if image_size % patch_size:
+        raise ValueError(
+            f"image_size={image_size} is not a multiple of the patch size {patch_size}; use e.g. "
+            f"{max(1, round(image_size / patch_size)) * patch_size}."
+        )
+    num_layers = 1 + max(int(m.group(1)) for n in src if (m := re.match(r"encoder\.layer\.(\d+)\.", n)))
+    if hidden % _HEAD_DIM:
+        raise ValueError(f"Width {hidden} is not a multiple of DINOv2's head size {_HEAD_DIM}.")
+
+    position = torch.from_numpy(np.array(_find_position_embeddings(model.graph, named, hidden), dtype=np.float32))
+    state = _dinov2_to_vit_state(src, num_layers, onnx_path)
+    state["embeddings.cls_token"] = src["embeddings.cls_token"]
+    state["embeddings.position_embeddings"] = resample_position_embeddings(position, image_size // patch_size)
+
+    config = ViTConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        num_channels=patch_weight.shape[1],
+        hidden_size=hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=hidden // _HEAD_DIM,
+        intermediate_size=src["encoder.layer.0.mlp.fc1.bias"].shape[0],
+        hidden_act="gelu",
+        layer_norm_eps=1e-6,
+        qkv_bias=True,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    from lpt_peft.backbones import build_backbone
+
+    vit = build_backbone(config)  # the layout load_backbone gives a ViT checkpoint (no pooler)
+    vit.load_state_dict(state, strict=True)
+    return vit.eval()
+
+
+def _backbone_parameters(named: dict[str, np.ndarray], onnx_path) -> dict[str, torch.Tensor]:
+    """The DINOv2 backbone's parameters, keyed by their transformers names without the export's prefix."""
     prefixes = [n[: -len("embeddings.cls_token")] for n in named if n.endswith("embeddings.cls_token")]
     if len(prefixes) != 1:
         raise ValueError(
@@ -324,28 +367,17 @@ def convert_dinov2_onnx_to_vit(onnx_path: str | os.PathLike, image_size: int = 5
     }
     if any("register_tokens" in n for n in src):
         raise ValueError("This DINOv2 has register tokens, which a ViTModel cannot express; it is not supported.")
+    return src
 
-    hidden = src["embeddings.cls_token"].shape[-1]
-    patch_weight = src["embeddings.patch_embeddings.projection.weight"]
-    patch_size = patch_weight.shape[-1]
-    if patch_weight.shape[-2] != patch_size:
-        raise ValueError(f"Non-square patches {tuple(patch_weight.shape[-2:])} are not supported.")
-    if image_size % patch_size:
-        raise ValueError(
-            f"image_size={image_size} is not a multiple of the patch size {patch_size}; use e.g. "
-            f"{max(1, round(image_size / patch_size)) * patch_size}."
-        )
-    num_layers = 1 + max(int(m.group(1)) for n in src if (m := re.match(r"encoder\.layer\.(\d+)\.", n)))
-    intermediate = src["encoder.layer.0.mlp.fc1.bias"].shape[0]
-    if hidden % _HEAD_DIM:
-        raise ValueError(f"Width {hidden} is not a multiple of DINOv2's head size {_HEAD_DIM}.")
 
-    position = torch.from_numpy(np.array(_find_position_embeddings(model.graph, named, hidden), dtype=np.float32))
-    used = {"embeddings.cls_token", "embeddings.position_embeddings"}
-    state = {
-        "embeddings.cls_token": src["embeddings.cls_token"],
-        "embeddings.position_embeddings": resample_position_embeddings(position, image_size // patch_size),
-    }
+def _dinov2_to_vit_state(src: dict[str, torch.Tensor], num_layers: int, onnx_path) -> dict[str, torch.Tensor]:
+    """`ViTModel` weights of every layer, the patch embedding and the final norm, LayerScales folded in.
+
+    Raises ValueError for a missing parameter, and for one left over (e.g. SwiGLU weights), which a ViT cannot hold
+    and which would otherwise be dropped silently.
+    """
+    used = {"embeddings.cls_token", "embeddings.position_embeddings"}  # set by the caller
+    state: dict[str, torch.Tensor] = {}
 
     def take(source: str | tuple[str, ...], target: str, gamma: str | None = None) -> None:
         # Older transformers name DINOv2's projections `attention.attention.query` / `attention.output.dense`,
@@ -380,29 +412,11 @@ def convert_dinov2_onnx_to_vit(onnx_path: str | os.PathLike, image_size: int = 5
         take(f"{s}.mlp.fc1", f"{t}.mlp.fc1")
         take(f"{s}.mlp.fc2", f"{t}.mlp.fc2", gamma=f"{s}.layer_scale2.lambda1")
     take("layernorm", "layernorm")
-    # Anything else in the backbone (e.g. SwiGLU weights) would be silently dropped: refuse instead.
-    # mask_token is only used for masked-image pretraining and position embeddings were handled above.
+    # mask_token is only used for masked-image pretraining; position embeddings are resampled by the caller.
     leftover = sorted(n for n in src if n not in used and n != "embeddings.mask_token")
     if leftover:
         raise ValueError(f"The ONNX backbone has parameters a ViTModel cannot hold: {leftover[:8]}.")
-
-    config = ViTConfig(
-        image_size=image_size,
-        patch_size=patch_size,
-        num_channels=patch_weight.shape[1],
-        hidden_size=hidden,
-        num_hidden_layers=num_layers,
-        num_attention_heads=hidden // _HEAD_DIM,
-        intermediate_size=intermediate,
-        hidden_act="gelu",
-        layer_norm_eps=1e-6,
-        qkv_bias=True,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    vit = ViTModel(config, add_pooling_layer=False)
-    vit.load_state_dict(state, strict=True)
-    return vit.eval()
+    return state
 
 
 def default_demo_cache_dir(image_size: int = 56) -> Path:
@@ -473,7 +487,9 @@ def load_demo_backbone(image_size: int = 56, cache_dir: str | os.PathLike | None
             shutil.rmtree(tmp, ignore_errors=True)
         return vit
 
-    vit = ViTModel.from_pretrained(path, add_pooling_layer=False)
+    from lpt_peft.backbones import load_backbone
+
+    vit = load_backbone(str(path))
     if vit.config.image_size != image_size:
         raise ValueError(
             f"The backbone cached in {path} is for {vit.config.image_size} px, not {image_size} px. Pass a "

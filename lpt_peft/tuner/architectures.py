@@ -84,12 +84,15 @@ class AttentionSpec:
         return getattr(module, getattr(self, f"{which}_attr"))
 
     def get_head_dim(self, module: nn.Module) -> int:
+        """Per-head width of `module` (features per head)."""
         return int(self.head_dim(module) if callable(self.head_dim) else getattr(module, self.head_dim))
 
     def get_scaling(self, module: nn.Module) -> float | None:
+        """Softmax scale of `module`, or None for the attention function's `head_dim ** -0.5`."""
         return None if self.scaling_attr is None else getattr(module, self.scaling_attr)
 
     def get_dropout(self, module: nn.Module) -> float:
+        """Attention-probability dropout rate of `module` in training mode; 0.0 in eval mode or without one."""
         if self.dropout_attr is None or not module.training:
             return 0.0
         return float(getattr(module, self.dropout_attr))
@@ -137,6 +140,14 @@ def default_embed(encoder: nn.Module, pixel_values: torch.Tensor, **kwargs) -> t
 
     Casts `pixel_values` to the embeddings' dtype and forwards `bool_masked_pos` / `interpolate_pos_encoding` when the
     embeddings accept them. An option that is set but not accepted raises a ValueError instead of being dropped.
+
+    Args:
+        encoder: The encoder (holding `embeddings`).
+        pixel_values: `(batch, channels, height, width)` images.
+        **kwargs: `bool_masked_pos` / `interpolate_pos_encoding`.
+
+    Returns:
+        `(batch, tokens, hidden)`: the input of the first layer.
     """
     embeddings = encoder.embeddings
     dtype = next(embeddings.parameters()).dtype
@@ -271,11 +282,13 @@ class LPTArchitecture:
         return type(model).__name__ if model is not None else self.model_classes[0]
 
     def encoder(self, model: nn.Module) -> nn.Module:
+        """The encoder of `model`: `model.<backbone_attr>`, or `model` itself. Raises ValueError naming a bad path."""
         if not self.backbone_attr:
             return model
         return _resolve(model, self.backbone_attr, "encoder (backbone_attr)", self._owner(model))
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
+        """The transformer layers of `model` (length: depth). Raises ValueError naming a bad `layers_attr`."""
         layers = _resolve(self.encoder(model), self.layers_attr, "layer list (layers_attr)", self._owner(model))
         if not isinstance(layers, nn.ModuleList):
             raise ValueError(
@@ -285,9 +298,11 @@ class LPTArchitecture:
         return layers
 
     def pre_attention_norm(self, layer: nn.Module) -> nn.Module:
+        """The norm `layer` applies before attention (the prompts go through it)."""
         return _resolve(layer, self.norm_attr, "pre-attention norm (norm_attr)", type(layer).__name__)
 
     def final_norm(self, model: nn.Module) -> nn.Module:
+        """The encoder's final norm (applied to the feature token)."""
         return _resolve(self.encoder(model), self.final_norm_attr, "final norm (final_norm_attr)", self._owner(model))
 
     def image_features(
@@ -297,6 +312,15 @@ class LPTArchitecture:
 
         Without an active LPT adapter this is the frozen backbone's feature (what a linear probe sees); it is the
         same for every family, whereas `last_hidden_state` is normalised in ViT, DeiT and DINOv2 but not in CLIP.
+
+        Args:
+            model: A model of a class this entry covers.
+            pixel_values: `(batch, channels, height, width)` float images.
+            attention_mask: Optional padding mask (None for images).
+            **embed_kwargs: `bool_masked_pos` / `interpolate_pos_encoding`, passed to `embed`.
+
+        Returns:
+            `(batch, hidden)` features.
 
         Example:
 
@@ -434,6 +458,7 @@ def register_architecture(*architectures: LPTArchitecture) -> None:
 
 
 def supported_model_classes() -> list[str]:
+    """Sorted names of every class `get_peft_model` accepts (all registered `LPTArchitecture.model_classes`)."""
     return sorted({name for arch in ARCHITECTURES for name in arch.model_classes})
 
 
@@ -449,6 +474,130 @@ def get_architecture(model: nn.Module) -> LPTArchitecture:
         "token, describe it with an `lpt_peft.tuner.architectures.LPTArchitecture` and pass it to "
         f"`lpt_peft.tuner.architectures.register_architecture` (worked example in {DOCS_HINT})."
     )
+
+
+@dataclass(frozen=True)
+class BackboneFamily:
+    """How to load one model family's checkpoints as an LPT backbone: the facts the loader, inference and card share.
+
+    [`LPTArchitecture`] says where LPT finds its pieces inside a loaded model; a `BackboneFamily` says how to get that
+    model from a checkpoint folder or Hub id. [`lpt_peft.backbones.load_backbone`] (used by training, by
+    [`lpt_peft.inference.load_classifier`] and by the converters) and the model card read these facts from
+    [`BACKBONE_FAMILIES`] and nowhere else.
+
+    Args:
+        model_type: The transformers `config.model_type` of the family's checkpoints (e.g. `"vit"`).
+        base_class: Name of the transformers class holding the bare encoder (e.g. `"ViTModel"`); a checkpoint whose
+            `config.architectures` names another supported class of the family (e.g. `ViTForImageClassification`)
+            is loaded as that class, so an adapter trained on it finds its layers at the same names.
+        name: Human-readable family name shown in the model card (default: `model_type`).
+        base_kwargs: Keyword arguments `base_class` is built or loaded with (e.g. `{"add_pooling_layer": False}`:
+            LPT reads the CLS token after the final norm, so the pooler would only be an unused, randomly initialised
+            layer). Not passed to the task classes.
+        any_image_size: Whether the encoder runs on images of any size without being told (DINOv2 always resamples
+            its position grid to the input). When False, the loader refuses an image size other than
+            `config.image_size`.
+        config_model_types: Other `model_type`s whose checkpoints hold this family's encoder and load into
+            `base_class` (e.g. `"clip"`: a full CLIP checkpoint loads into `CLIPVisionModel`).
+
+    Example:
+
+    ```python
+    >>> from lpt_peft.tuner.architectures import BackboneFamily, register_backbone_family
+
+    >>> register_backbone_family(
+    ...     BackboneFamily(model_type="vit_msn", base_class="ViTMSNModel", name="ViT-MSN")
+    ... )
+    ```
+    """
+
+    model_type: str
+    base_class: str
+    name: str = ""
+    base_kwargs: dict = field(default_factory=dict)
+    any_image_size: bool = False
+    config_model_types: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("model_type", "base_class"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise TypeError(f"BackboneFamily.{name} must be a non-empty string, got {getattr(self, name)!r}.")
+        if not self.name:
+            object.__setattr__(self, "name", self.model_type)
+        object.__setattr__(self, "base_kwargs", dict(self.base_kwargs))
+        object.__setattr__(self, "config_model_types", tuple(self.config_model_types))
+
+    @property
+    def model_types(self) -> tuple[str, ...]:
+        """Every `config.model_type` this family loads."""
+        return (self.model_type, *self.config_model_types)
+
+    def load_kwargs(self, class_name: str) -> dict:
+        """Keyword arguments to build or load `class_name` with: `base_kwargs` for the base class, none otherwise."""
+        return dict(self.base_kwargs) if class_name == self.base_class else {}
+
+
+BACKBONE_FAMILIES: list[BackboneFamily] = [
+    BackboneFamily("vit", "ViTModel", "ViT", base_kwargs={"add_pooling_layer": False}),
+    BackboneFamily("deit", "DeiTModel", "DeiT", base_kwargs={"add_pooling_layer": False}),
+    BackboneFamily("dinov2", "Dinov2Model", "DINOv2", any_image_size=True),
+    BackboneFamily("dinov2_with_registers", "Dinov2WithRegistersModel", "DINOv2 with registers", any_image_size=True),
+    BackboneFamily("clip_vision_model", "CLIPVisionModel", "CLIP vision tower", config_model_types=("clip",)),
+]
+
+
+def register_backbone_family(*families: BackboneFamily) -> None:
+    """Let [`lpt_peft.backbones.load_backbone`] (and so training, `load_classifier` and the card) load a family.
+
+    Entries registered later are checked first, so a family registered for a built-in `model_type` overrides it.
+    Register the family's [`LPTArchitecture`] entries too ([`register_architecture`]): the family says how to load
+    a checkpoint, the architecture where LPT finds the layers. Like the architecture registry, this one lives in this
+    process only.
+
+    Raises:
+        TypeError: an entry is not a `BackboneFamily`.
+    """
+    if not families:
+        raise TypeError("register_backbone_family needs at least one BackboneFamily.")
+    for family in families:
+        if not isinstance(family, BackboneFamily):
+            raise TypeError(
+                f"register_backbone_family expects BackboneFamily entries, got {type(family).__name__} (see "
+                f"{DOCS_HINT})."
+            )
+    BACKBONE_FAMILIES[0:0] = families
+
+
+def supported_model_types() -> list[str]:
+    """The `config.model_type`s the backbone loader accepts."""
+    return sorted({model_type for family in BACKBONE_FAMILIES for model_type in family.model_types})
+
+
+def get_backbone_family(model_type: str) -> BackboneFamily:
+    """The [`BackboneFamily`] loading checkpoints of `model_type`.
+
+    Raises:
+        ValueError: no registered family loads `model_type`; the message lists those that do.
+    """
+    for family in BACKBONE_FAMILIES:
+        if model_type in family.model_types:
+            return family
+    raise ValueError(
+        f"LPT cannot load a {model_type!r} checkpoint as a backbone. Supported model types: "
+        f"{', '.join(supported_model_types())}. For another pre-norm ViT with a CLS token, register a "
+        f"BackboneFamily and its LPTArchitecture entries (see {DOCS_HINT})."
+    )
+
+
+def family_of(model: nn.Module) -> BackboneFamily:
+    """The [`BackboneFamily`] of a loaded model (a supported class), read from its encoder's `config.model_type`.
+
+    Raises:
+        TypeError: `model` is not of a supported class (see [`get_architecture`]).
+        ValueError: its model type has no registered family.
+    """
+    config = get_architecture(model).encoder(model).config
+    return get_backbone_family(getattr(config, "model_type", None) or type(model).__name__)
 
 
 # What an adapter records about its backbone (LPTConfig.base_fingerprint); hidden size and depth are LPTConfig fields.
@@ -520,7 +669,15 @@ def _short(values, limit: int = 4) -> str:
 
 
 def fingerprint_differences(recorded: dict | None, current: dict) -> list[str]:
-    """`"field: adapter X, base Y"` for each field of an adapter's fingerprint `recorded` contradicted by `current`."""
+    """`"field: adapter X, base Y"` for each field of an adapter's fingerprint `recorded` contradicted by `current`.
+
+    Args:
+        recorded: The adapter's `LPTConfig.base_fingerprint` (None: nothing to compare).
+        current: [`base_fingerprint`] of the base it is loaded into.
+
+    Returns:
+        One line per contradicted field; empty when they agree (a field None on either side is not compared).
+    """
     differences = []
     for name in FINGERPRINT_FIELDS:
         old, new = (recorded or {}).get(name), current.get(name)
@@ -546,14 +703,20 @@ def fingerprint_differences(recorded: dict | None, current: dict) -> list[str]:
 __all__ = [
     "ARCHITECTURES",
     "AttentionSpec",
+    "BACKBONE_FAMILIES",
+    "BackboneFamily",
     "FINGERPRINT_FIELDS",
     "LPTArchitecture",
     "base_fingerprint",
     "bidirectional_mask",
     "deit_architectures",
     "default_embed",
+    "family_of",
     "fingerprint_differences",
     "get_architecture",
+    "get_backbone_family",
     "register_architecture",
+    "register_backbone_family",
     "supported_model_classes",
+    "supported_model_types",
 ]
