@@ -14,9 +14,9 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from conftest import randomize_adapter
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
+from testing_utils import randomize_adapter
 from transformers import ViTForImageClassification
 
 from lpt_peft import LPTAttention, LPTConfig
