@@ -117,8 +117,10 @@ def test_class_balanced_rejects_bad_arguments():
 
 
 def reference_instance_batches(num_samples, batch_size, num_replicas, rank, seed, epoch, drop_last=False):
-    """The documented draw, spelled out: permute with seed + epoch, pad by wrap-around, rank r takes block r."""
-    perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    """The documented draw, spelled out: permute with a generator seeded by SeedSequence([seed, STREAM_INSTANCES=2,
+    epoch]), pad by wrap-around, rank r takes block r."""
+    epoch_seed = int(np.random.SeedSequence([seed, 2, epoch]).generate_state(1, np.uint64)[0])
+    perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(epoch_seed)).tolist()
     global_batch = batch_size * num_replicas
     num_steps = num_samples // global_batch if drop_last else -(-num_samples // global_batch)
     perm = [perm[i % num_samples] for i in range(num_steps * global_batch)]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fault_injection import crash_at
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -15,7 +16,8 @@ from lpt_peft import LPTConfig
 from lpt_peft.backbones import tiny_random_vit
 from lpt_peft.data.synthetic import make_synthetic_long_tail
 from lpt_peft.training.arguments import LPTTrainingArguments, parse_training_args
-from lpt_peft.training.run import check_dataset, evaluate_adapter, run_training
+from lpt_peft.training.data import check_dataset
+from lpt_peft.training.run import evaluate_adapter, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = [
@@ -116,11 +118,11 @@ def test_killed_run_resumes_to_identical_parameters(tmp_path):
     interrupted = tmp_path / "interrupted"
     # Crash hard in phase 1 between checkpoints (step 5; the last state is from step 4), resume, then crash again at
     # the first step of phase 2, before any phase-2 state exists (so the run resumes from the end of phase 1).
-    crashed = launch(["--output_dir", str(interrupted), *common], env={"LPT_FAULT_INJECT_STEP": "1:5"}, check=False)
+    crashed = launch(["--output_dir", str(interrupted), *common], env=crash_at("1:5"), check=False)
     assert crashed.returncode != 0 and "exit status 17" in crashed.stderr, crashed.stderr[-3000:]
     assert not (interrupted / "phase2").exists()
     resume = ["--output_dir", str(interrupted), *common, "--resume_from_checkpoint", "latest"]
-    crashed = launch(resume, env={"LPT_FAULT_INJECT_STEP": "2:1"}, check=False)
+    crashed = launch(resume, env=crash_at("2:1"), check=False)
     assert crashed.returncode != 0 and "exit status 17" in crashed.stderr, crashed.stderr[-3000:]
     launch(resume)
     for phase in ("phase1", "phase2"):
