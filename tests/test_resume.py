@@ -141,6 +141,16 @@ def test_unchanged_resume_is_accepted_and_older_checkpoints_are_refused(finished
     assert snapshot(copy) == before
 
 
+def test_a_checkpoint_from_before_the_sampler_option_resumes_as_the_default(finished_run):
+    # Checkpoints written before --sampler existed do not record it; they ran the default sampler (dual sampling).
+    state = TrainerState.load(_latest(finished_run) / STATE_FILE)
+    older = {**state.run, "options": {k: v for k, v in state.run["options"].items() if k != "sampler"}}
+    assert resume_mismatches(older, state.run) == []
+    other = {**state.run, "options": {**state.run["options"], "sampler": "class_balanced"}}
+    (line,) = resume_mismatches(state.run, other)
+    assert line.startswith("--sampler: the checkpoint has None, this run class_balanced")
+
+
 def test_phase2_checkpoint_resumed_as_phase1_does_not_exit_silently(finished_run):
     # The observed fault: `--phase 1` on a phase-2 checkpoint did nothing, wrote nothing and exited 0.
     with pytest.raises(ValueError, match=r"--phase: the checkpoint has both, this run 1"):

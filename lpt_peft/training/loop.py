@@ -12,6 +12,7 @@ import importlib
 import logging
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,8 +242,10 @@ def _prepare_phase(model, phase, data, args, accelerator, objective, sampler, nu
 def _start_or_resume(run: _PhaseRun, state: TrainerState, accelerator: Accelerator, resume_dir: Path | None) -> None:
     if resume_dir is not None:
         accelerator.load_state(str(resume_dir))
-        for _ in range(state.global_step):  # the schedule is a pure function of the update count
-            run.scheduler.step()
+        with warnings.catch_warnings():  # replaying the schedule before any optimizer step is intended here
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            for _ in range(state.global_step):  # the schedule is a pure function of the update count
+                run.scheduler.step()
         logger.info(
             "Resumed phase %d from %s (epoch %d, step %d)", run.phase, resume_dir, state.epoch, state.global_step
         )
