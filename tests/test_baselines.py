@@ -37,3 +37,29 @@ def test_cosine_probe_is_a_cosine_classifier():
 def test_unknown_probe_kind():
     with pytest.raises(ValueError, match="Unknown probe 'svm'"):
         train_linear_probe("svm", torch.randn(4, 2), torch.tensor([0, 1, 0, 1]), [2, 2])
+
+
+def test_probe_learning_rate_follows_the_previous_cosine_formula(monkeypatch):
+    # The probe's schedule is transformers' cosine schedule without warm-up; it must equal the formula it replaced,
+    # lr * 0.5 * (1 + cos(pi * step / total)), at every step.
+    import math
+
+    import lpt_peft.training.baselines as baselines
+
+    made = []
+
+    def record(*args, **kwargs):
+        made.append(baselines_schedule(*args, **kwargs))
+        return made[-1]
+
+    baselines_schedule = baselines.get_cosine_schedule_with_warmup
+    monkeypatch.setattr(baselines, "get_cosine_schedule_with_warmup", record)
+    features, labels = torch.randn(40, 8), torch.arange(40) % 4
+    train_linear_probe("linear_probe_ce", features, labels, [10] * 4, epochs=3, batch_size=8, learning_rate=0.02,
+                       lr_reference_batch=8)  # fmt: skip
+    (scheduler,) = made
+    total = 3 * 5
+    assert scheduler.last_epoch == total
+    for step in range(total):
+        expected = 0.02 * 0.5 * (1 + math.cos(math.pi * step / total))
+        assert 0.02 * scheduler.lr_lambdas[0](step) == pytest.approx(expected, rel=1e-12, abs=1e-15)

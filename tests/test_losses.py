@@ -336,3 +336,11 @@ def test_errors():
         build_loss("agcl", COUNTS, tau=1.0)
     with pytest.raises(ValueError, match="label_smoothing"):
         AGCLLoss(COUNTS, label_smoothing=1.5)
+
+
+def test_register_loss_refuses_a_taken_name():
+    from lpt_peft.training.losses import LOSSES, AGCLLoss, register_loss
+
+    with pytest.raises(ValueError, match="'agcl' is already registered"):
+        register_loss("AGCL")(torch.nn.Identity)
+    assert LOSSES["agcl"] is AGCLLoss and list(LOSSES)[:3] == ["agcl", "ce", "logit_adjusted"]

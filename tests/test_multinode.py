@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fault_injection import crash_at
 from peft import PeftModel
 
 from lpt_peft.backbones import tiny_random_vit
@@ -65,7 +66,7 @@ def launch_two_nodes(output_dir: Path, extra=(), env=None, timeout=300):
 @pytest.mark.slow
 def test_two_nodes_train_both_phases_resume_after_a_kill_and_write_one_adapter(tmp_path):
     out = tmp_path / "two_nodes"
-    crashed = launch_two_nodes(out, env={"LPT_FAULT_INJECT_STEP": "1:5"})
+    crashed = launch_two_nodes(out, env=crash_at("1:5"))
     assert all(code != 0 for code, _, _ in crashed), [err[-2000:] for _, _, err in crashed]
     assert not (out / "phase1").exists() and (out / "checkpoints" / "latest").is_file()
     latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text()

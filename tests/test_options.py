@@ -10,7 +10,8 @@ import pytest
 
 from lpt_peft.data import load_imagefolder_lt
 from lpt_peft.training.arguments import LPTTrainingArguments
-from lpt_peft.training.run import build_dataset, log_launch, run_training
+from lpt_peft.training.data import build_dataset
+from lpt_peft.training.run import log_launch, run_training
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
 CLASSES = ("ant", "bee", "cow")

@@ -10,13 +10,8 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from lpt_peft.training.arguments import LPTTrainingArguments
-from lpt_peft.training.run import (
-    STATE_FILE,
-    CheckpointManager,
-    TrainerState,
-    resume_mismatches,
-    run_training,
-)
+from lpt_peft.training.checkpointing import STATE_FILE, CheckpointManager, TrainerState, resume_mismatches
+from lpt_peft.training.run import run_training
 
 SMALL = dict(
     dataset="synthetic", model_name_or_path="tiny-random", image_size=32, num_classes=6, n_max=40, imbalance=10,
@@ -64,6 +59,7 @@ CHANGES = [
     ("samples_per_class", 2, "--samples_per_class: the checkpoint has 4, this run 2"),
     ("dual_sampling", False, "--dual_sampling: the checkpoint has true, this run false (pass --dual_sampling true"),
     ("loss", "ce", "--loss: the checkpoint has agcl, this run ce"),
+    ("sampler", "instance_balanced", "--sampler: the checkpoint has None, this run instance_balanced (leave --sampl"),
     ("eta", 0.25, "--eta: the checkpoint has 0.5, this run 0.25"),
     ("matching_weight", 1.0, "--matching_weight: the checkpoint has 0.5, this run 1.0"),
     ("instance_balanced_gammas", "paper", "--instance_balanced_gammas: the checkpoint has authors, this run paper"),
@@ -111,7 +107,7 @@ def test_resume_with_another_value_is_refused_and_writes_nothing(
 
 
 def test_every_recorded_option_has_a_row():
-    from lpt_peft.training.run import TRAJECTORY_OPTIONS
+    from lpt_peft.training.checkpointing import TRAJECTORY_OPTIONS
 
     untested = set(TRAJECTORY_OPTIONS) - {c[0] for c in CHANGES}
     # --dataset is recorded too; another data set needs other files, so its row would test the data loaders instead.
@@ -143,6 +139,16 @@ def test_unchanged_resume_is_accepted_and_older_checkpoints_are_refused(finished
     with pytest.raises(ValueError, match="records no run configuration"):
         run_training(small_args(copy, resume_from_checkpoint="latest"))
     assert snapshot(copy) == before
+
+
+def test_a_checkpoint_from_before_the_sampler_option_resumes_as_the_default(finished_run):
+    # Checkpoints written before --sampler existed do not record it; they ran the default sampler (dual sampling).
+    state = TrainerState.load(_latest(finished_run) / STATE_FILE)
+    older = {**state.run, "options": {k: v for k, v in state.run["options"].items() if k != "sampler"}}
+    assert resume_mismatches(older, state.run) == []
+    other = {**state.run, "options": {**state.run["options"], "sampler": "class_balanced"}}
+    (line,) = resume_mismatches(state.run, other)
+    assert line.startswith("--sampler: the checkpoint has None, this run class_balanced")
 
 
 def test_phase2_checkpoint_resumed_as_phase1_does_not_exit_silently(finished_run):

@@ -117,8 +117,10 @@ def test_class_balanced_rejects_bad_arguments():
 
 
 def reference_instance_batches(num_samples, batch_size, num_replicas, rank, seed, epoch, drop_last=False):
-    """The documented draw, spelled out: permute with seed + epoch, pad by wrap-around, rank r takes block r."""
-    perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    """The documented draw, spelled out: permute with a generator seeded by SeedSequence([seed, STREAM_INSTANCES=2,
+    epoch]), pad by wrap-around, rank r takes block r."""
+    epoch_seed = int(np.random.SeedSequence([seed, 2, epoch]).generate_state(1, np.uint64)[0])
+    perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(epoch_seed)).tolist()
     global_batch = batch_size * num_replicas
     num_steps = num_samples // global_batch if drop_last else -(-num_samples // global_batch)
     perm = [perm[i % num_samples] for i in range(num_steps * global_batch)]
@@ -293,3 +295,25 @@ def test_defaults_come_from_torch_distributed(tmp_path):
         assert result["shard"] == [2, rank]
         assert result["cb"] == list(cb_sampler(num_replicas=2, rank=rank, seed=5))
         assert result["ib"] == list(InstanceBalancedBatchSampler(len(LABELS), 8, num_replicas=2, rank=rank, seed=5))
+
+
+def test_one_seeding_scheme_is_seedsequence_seeded_torch_generators():
+    from lpt_peft.training.samplers import create_sampler
+    from lpt_peft.training.seeding import seeded_generator
+
+    draw = torch.randint(0, 1000, (8,), generator=seeded_generator(42, 3, 1, 7))
+    seed = int(np.random.SeedSequence([42, 3, 1, 7]).generate_state(1, np.uint64)[0])
+    assert torch.equal(draw, torch.randint(0, 1000, (8,), generator=torch.Generator().manual_seed(seed)))
+    assert not torch.equal(draw, torch.randint(0, 1000, (8,), generator=seeded_generator(42, 3, 1, 8)))
+    assert torch.equal(  # negative keys are taken mod 2**64
+        torch.rand(3, generator=seeded_generator(-1)), torch.rand(3, generator=seeded_generator(2**64 - 1))
+    )
+    # The registry builds the same samplers as the classes.
+    dual = create_sampler("dual", LABELS, 8, samples_per_class=2, num_replicas=1, rank=0, seed=5)
+    cb = ClassBalancedBatchSampler(LABELS, 8, samples_per_class=2, num_replicas=1, rank=0, seed=5)
+    ib = InstanceBalancedBatchSampler(len(LABELS), 8, num_replicas=1, rank=0, seed=5)
+    assert list(dual.iter_epoch(2)) == list(DualBatchSampler(cb, ib).iter_epoch(2)) and dual.split_sizes == (8, 8)
+    with pytest.raises(ValueError, match=r"Sampler 'instance_balanced' does not accept option\(s\) \['samples_per_c"):
+        create_sampler("instance_balanced", LABELS, 8, samples_per_class=2)
+    with pytest.raises(ValueError, match=r"Unknown sampler 'nope'; registered samplers are \["):
+        create_sampler("nope", LABELS, 8)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fault_injection import crash_at
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -15,7 +16,8 @@ from lpt_peft import LPTConfig
 from lpt_peft.backbones import tiny_random_vit
 from lpt_peft.data.synthetic import make_synthetic_long_tail
 from lpt_peft.training.arguments import LPTTrainingArguments, parse_training_args
-from lpt_peft.training.run import check_dataset, evaluate_adapter, run_training
+from lpt_peft.training.data import check_dataset
+from lpt_peft.training.run import evaluate_adapter, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = [
@@ -116,11 +118,11 @@ def test_killed_run_resumes_to_identical_parameters(tmp_path):
     interrupted = tmp_path / "interrupted"
     # Crash hard in phase 1 between checkpoints (step 5; the last state is from step 4), resume, then crash again at
     # the first step of phase 2, before any phase-2 state exists (so the run resumes from the end of phase 1).
-    crashed = launch(["--output_dir", str(interrupted), *common], env={"LPT_FAULT_INJECT_STEP": "1:5"}, check=False)
+    crashed = launch(["--output_dir", str(interrupted), *common], env=crash_at("1:5"), check=False)
     assert crashed.returncode != 0 and "exit status 17" in crashed.stderr, crashed.stderr[-3000:]
     assert not (interrupted / "phase2").exists()
     resume = ["--output_dir", str(interrupted), *common, "--resume_from_checkpoint", "latest"]
-    crashed = launch(resume, env={"LPT_FAULT_INJECT_STEP": "2:1"}, check=False)
+    crashed = launch(resume, env=crash_at("2:1"), check=False)
     assert crashed.returncode != 0 and "exit status 17" in crashed.stderr, crashed.stderr[-3000:]
     launch(resume)
     for phase in ("phase1", "phase2"):
@@ -236,3 +238,46 @@ def test_cpu_launch_with_two_processes_says_it_trains_in_one(tmp_path):
     assert "Training with 1 process(es) (world size 1) on cpu" in result.stderr
     assert "global batch 8 = 8 per process and branch x 1 process(es)" in result.stderr
     assert "this run trains in ONE process" in result.stderr
+
+
+def test_loss_and_sampler_options_name_registered_classes(tmp_path):
+    with pytest.raises(ValueError, match=r"--loss 'focall' is not a registered loss; choose one of agcl, ce, logit"):
+        small_args(tmp_path, loss="focall")
+    with pytest.raises(ValueError, match=r"--sampler 'dul' is not a registered sampler; choose one of .*dual"):
+        small_args(tmp_path, sampler="dul")
+    with pytest.raises(ValueError, match="--sampler dual contradicts --dual_sampling false"):
+        small_args(tmp_path, sampler="dual", dual_sampling=False)
+    assert small_args(tmp_path).sampler_name == "dual"  # the paper recipe stays the default
+    assert small_args(tmp_path, dual_sampling=False).sampler_name == "class_balanced"
+    assert small_args(tmp_path, sampler="Instance-Balanced").sampler_name == "instance_balanced"
+
+
+# ------------------------------------------------------------------------------------------- the loop's batch split
+def test_batch_parts_and_their_matching_terms_come_from_the_model_output():
+    from peft import get_peft_model
+
+    from lpt_peft.training.loop import split_batch
+
+    torch.manual_seed(0)
+    config = LPTConfig(num_labels=6, shared_layers=2, num_groups=4, top_k=2, phase=2)
+    model = get_peft_model(tiny_random_vit(32), config).eval()
+    output = model(pixel_values=torch.randn(6, 3, 32, 32))
+    targets = torch.arange(6)
+    (cb_logits, cb_labels, cb_match), (ib_logits, ib_labels, ib_match) = split_batch(output, targets, (4, 2))
+    assert torch.equal(cb_logits, output.logits[:4]) and torch.equal(ib_logits, output.logits[4:])
+    assert torch.equal(cb_labels, targets[:4]) and torch.equal(ib_labels, targets[4:])
+    # By hand: an image's matching term is the sum of its top-k key similarities; a part's score is their mean.
+    per_image = output.key_similarity.topk(2, dim=-1).values.sum(dim=-1)
+    assert cb_match.item() == pytest.approx(per_image[:4].mean().item(), rel=1e-6)
+    assert ib_match.item() == pytest.approx(per_image[4:].mean().item(), rel=1e-6)
+    # The model's own whole-batch score is the size-weighted mean of the parts.
+    assert ((4 * cb_match + 2 * ib_match) / 6).item() == pytest.approx(output.match_score.item(), rel=1e-6)
+    assert cb_match.requires_grad  # the keys learn from it
+    # One part: the model's score itself.
+    ((logits, labels, match),) = split_batch(output, targets, (6,))
+    assert match is output.match_score and torch.equal(logits, output.logits)
+    with pytest.raises(ValueError, match=r"split_sizes \(3, 2\) add up to 5 but its batch has 6 images"):
+        split_batch(output, targets, (3, 2))
+    model.base_model.set_phase(1)
+    output = model(pixel_values=torch.randn(6, 3, 32, 32))
+    assert [part[2] for part in split_batch(output, targets, (4, 2))] == [None, None]

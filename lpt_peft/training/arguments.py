@@ -135,7 +135,17 @@ class LPTTrainingArguments:
         default=True, metadata={"help": "Add the instance-balanced branch with weight beta(e) = eta (E - e) / E."}
     )
     eta: float = field(default=0.5, metadata={"help": "Initial weight of the instance-balanced branch."})
-    loss: str = field(default="agcl", metadata={"help": "'agcl' (LPT), 'ce' or 'logit_adjusted' (baselines)."})
+    sampler: str | None = field(
+        default=None,
+        metadata={
+            "help": "Batch sampler by registered name: 'dual', 'class_balanced', 'instance_balanced' or one "
+            "registered with register_sampler. Default: 'dual', or 'class_balanced' with --dual_sampling false."
+        },
+    )
+    loss: str = field(
+        default="agcl",
+        metadata={"help": "'agcl' (LPT), 'ce' or 'logit_adjusted' (baselines), or a name given to register_loss."},
+    )
     matching_weight: float = field(default=0.5, metadata={"help": "Weight of the phase-2 key matching score."})
     instance_balanced_gammas: str = field(
         default="authors",
@@ -221,12 +231,41 @@ class LPTTrainingArguments:
             raise ValueError(
                 f"--instance_balanced_gammas must be 'authors' or 'paper', got {self.instance_balanced_gammas!r}."
             )
+        self._check_loss_and_sampler()
         for name in (
             "epochs_phase1", "epochs_phase2", "batch_size", "eval_batch_size", "gradient_accumulation_steps",
             "eval_every_epochs", "probe_epochs", "checkpoints_total_limit", "image_size",
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+
+    def _check_loss_and_sampler(self) -> None:
+        """`--loss` and `--sampler` name registered classes; `--sampler` must agree with `--dual_sampling`."""
+        from lpt_peft.training.losses import LOSSES
+        from lpt_peft.training.samplers import SAMPLERS
+
+        if not isinstance(self.loss, str) or self.loss.strip().lower().replace("-", "_") not in LOSSES:
+            raise ValueError(
+                f"--loss {self.loss!r} is not a registered loss; choose one of {', '.join(LOSSES)} (or register yours "
+                "with lpt_peft.training.register_loss before parsing the options)."
+            )
+        if self.sampler is None:
+            return
+        self.sampler = self.sampler.strip().lower().replace("-", "_")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(
+                f"--sampler {self.sampler!r} is not a registered sampler; choose one of {', '.join(SAMPLERS)} (or "
+                "register yours with lpt_peft.training.register_sampler before parsing the options)."
+            )
+        if not self.dual_sampling and self.sampler == "dual":
+            raise ValueError("--sampler dual contradicts --dual_sampling false; pass only one of them.")
+
+    @property
+    def sampler_name(self) -> str:
+        """The registered sampler of this run: `--sampler`, else `dual` (`class_balanced` without dual sampling)."""
+        if self.sampler is not None:
+            return self.sampler
+        return "dual" if self.dual_sampling else "class_balanced"
 
     def _check_dataset_options(self) -> None:
         """Refuse a data option the chosen data set would ignore (a silently ignored option is a wrong run)."""

@@ -7,7 +7,6 @@ sampling) are both cheap: features are computed once, without augmentation, and 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,10 +16,11 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
 
 from lpt_peft.evaluation.metrics import shot_accuracy
 from lpt_peft.training.losses import LPTObjective, ScaledCrossEntropyLoss
-from lpt_peft.training.samplers import ClassBalancedBatchSampler, DualBatchSampler, InstanceBalancedBatchSampler
+from lpt_peft.training.samplers import create_sampler
 from lpt_peft.tuner.architectures import get_architecture
 from lpt_peft.tuner.model import cosine_logits
 
@@ -79,23 +79,19 @@ def train_linear_probe(
         raise ValueError(f"Unknown probe {kind!r}; choose one of {PROBES}.")
     torch.manual_seed(seed)
     num_labels, hidden = len(class_counts), train_features.shape[1]
-    labels_np = train_labels.numpy()
-    instance = InstanceBalancedBatchSampler(len(labels_np), batch_size, num_replicas=1, rank=0, seed=seed)
+    shard = {"num_replicas": 1, "rank": 0, "seed": seed}
     if kind == "linear_probe_ce":
         probe: nn.Module = nn.Linear(hidden, num_labels)
-        sampler = instance
+        sampler = create_sampler("instance_balanced", train_labels, batch_size, **shard)
         loss_fn = ScaledCrossEntropyLoss(scale=1.0)
     else:
         probe = CosineProbe(hidden, num_labels)
-        balanced = ClassBalancedBatchSampler(
-            labels_np, batch_size, samples_per_class, num_replicas=1, rank=0, seed=seed
-        )
-        sampler = DualBatchSampler(balanced, instance)
+        sampler = create_sampler("dual", train_labels, batch_size, samples_per_class=samples_per_class, **shard)
         objective = LPTObjective(class_counts, num_epochs=epochs)
     lr = learning_rate * batch_size / lr_reference_batch
     optimizer = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    total = epochs * len(sampler)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    # Cosine decay from lr to 0 over all steps, no warm-up.
+    scheduler = get_cosine_schedule_with_warmup(optimizer, 0, epochs * len(sampler))
     probe.train()
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
@@ -106,8 +102,11 @@ def train_linear_probe(
             if kind == "linear_probe_ce":
                 loss = loss_fn(logits, targets)
             else:
-                split = batch_size
-                loss = objective(logits[:split], targets[:split], logits[split:], targets[split:], epoch)["loss"]
+                (cb_logits, ib_logits), (cb_labels, ib_labels) = (
+                    logits.split(sampler.split_sizes),
+                    targets.split(sampler.split_sizes),
+                )
+                loss = objective(cb_logits, cb_labels, ib_logits, ib_labels, epoch)["loss"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -5,13 +5,16 @@ cosines of the LPT cosine classifier; the scale lives in the loss. Two baselines
 (:class:`ScaledCrossEntropyLoss`, :class:`LogitAdjustedCrossEntropyLoss`) make the loss switchable from a config via
 :func:`build_loss`. :class:`LPTObjective` combines the class-balanced and instance-balanced branches of dual sampling
 with the phase-2 key-matching term.
+
+Losses are looked up by name in `LOSSES`; `@register_loss("name")` on a new `nn.Module` class makes it available to
+`--loss name` (see docs/extending.md).
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -19,20 +22,61 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "LOSSES",
     "AGCLLoss",
     "LPTObjective",
     "LogitAdjustedCrossEntropyLoss",
     "ScaledCrossEntropyLoss",
     "build_loss",
     "dual_sampling_beta",
+    "register_loss",
 ]
 
-LOSS_NAMES = ("agcl", "ce", "logit_adjusted")
+# name -> loss class; filled by @register_loss. Every loss is called as `loss(logits, labels, noise=None)`.
+LOSSES: dict[str, type[nn.Module]] = {}
 BRANCHES = ("class_balanced", "instance_balanced")
 
 # (gamma_pos, gamma_neg) of A-GCL per dual-sampling branch: the paper's values for the class-balanced branch, the
 # authors' released code for the instance-balanced branch.
 _AGCL_GAMMAS = {"class_balanced": (0.0, 4.0), "instance_balanced": (0.5, 8.0)}
+
+
+def _loss_key(name: str) -> str:
+    return name.strip().lower().replace("-", "_")
+
+
+def register_loss(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """
+    Class decorator: register a per-branch training loss under `name` for [`build_loss`], [`LPTObjective`] and
+    `--loss name`.
+
+    The class is called as `loss(logits, labels, noise=None)` with `logits` of shape `(batch_size, num_classes)` (the
+    unscaled cosines of the LPT head), `labels` of shape `(batch_size,)`, and returns the scalar batch-mean loss; it
+    may ignore `noise`. Its constructor receives the training `class_counts` when it has a `class_counts` parameter,
+    and the keyword defaults in the optional class attribute `branch_defaults` (`{"class_balanced": {...},
+    "instance_balanced": {...}}`) for the dual-sampling branch it serves.
+
+    Raises:
+        ValueError: `name` is already registered (names are case-insensitive, `-` and `_` are the same).
+
+    Example:
+
+    ```python
+    >>> @register_loss("my_ce")
+    ... class MyCrossEntropy(nn.Module):
+    ...     def forward(self, logits, labels, noise=None):
+    ...         return F.cross_entropy(20.0 * logits, labels)
+    ```
+    """
+    key = _loss_key(name)
+
+    def decorator(cls: type[nn.Module]) -> type[nn.Module]:
+        if key in LOSSES:
+            raise ValueError(f"A loss named {key!r} is already registered ({LOSSES[key].__name__}); use another name.")
+        LOSSES[key] = cls
+        return cls
+
+    return decorator
 
 
 def _as_class_counts(class_counts: Sequence[float] | torch.Tensor) -> torch.Tensor:
@@ -118,6 +162,7 @@ def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.promote_types(logits.dtype, torch.float32)
 
 
+@register_loss("agcl")
 class AGCLLoss(nn.Module):
     r"""
     A-GCL: asymmetric Gaussian-cloud logit loss of LPT (Dong et al., ICLR 2023).
@@ -161,6 +206,11 @@ class AGCLLoss(nn.Module):
 
     Inputs in float16/bfloat16 are computed in float32; the returned loss is float32 then.
     """
+
+    # Exponents per dual-sampling branch, used by build_loss (explicit gamma_pos/gamma_neg override them).
+    branch_defaults = {
+        branch: {"gamma_pos": gammas[0], "gamma_neg": gammas[1]} for branch, gammas in _AGCL_GAMMAS.items()
+    }
 
     def __init__(
         self,
@@ -281,6 +331,7 @@ class AGCLLoss(nn.Module):
         )
 
 
+@register_loss("ce")
 class ScaledCrossEntropyLoss(nn.Module):
     """
     Cross-entropy on `scale * logits`: the plain baseline for a cosine head (use `scale=1.0` for a linear head).
@@ -317,6 +368,7 @@ class ScaledCrossEntropyLoss(nn.Module):
         return f"scale={self.scale}, label_smoothing={self.label_smoothing}"
 
 
+@register_loss("logit_adjusted")
 class LogitAdjustedCrossEntropyLoss(nn.Module):
     """
     Logit-adjusted cross-entropy (Menon et al., ICLR 2021): cross-entropy on `scale * logits + tau * log(prior)` with
@@ -398,12 +450,14 @@ def build_loss(
     Builds a training loss by name; all of them are called as `loss(logits, labels, noise=None)`.
 
     Args:
-        name (`str`): `"agcl"`, `"ce"` (scaled cross-entropy) or `"logit_adjusted"`.
+        name (`str`): `"agcl"`, `"ce"` (scaled cross-entropy), `"logit_adjusted"`, or any name registered with
+            [`register_loss`].
         class_counts (`Sequence[float]` or `torch.Tensor`):
             Training images per class (validated for every loss, so a class without images is always reported).
         branch (`str`, defaults to `"class_balanced"`):
-            `"class_balanced"` or `"instance_balanced"`: picks the A-GCL `(gamma_pos, gamma_neg)` preset, (0, 4) or
-            (0.5, 8). Explicit `gamma_pos`/`gamma_neg` in `kwargs` override the preset. Ignored by the baselines.
+            `"class_balanced"` or `"instance_balanced"`: picks the loss's `branch_defaults` for that branch, for A-GCL
+            the `(gamma_pos, gamma_neg)` preset (0, 4) or (0.5, 8). Explicit `kwargs` override the preset. Ignored by
+            losses without `branch_defaults`.
         kwargs: Further constructor arguments of the chosen loss (e.g. `scale`, `label_smoothing`, `generator`).
 
     Example:
@@ -415,18 +469,15 @@ def build_loss(
     (0.5, 8.0)
     ```
     """
-    name = _normalize_choice(name, "loss name", LOSS_NAMES)
+    name = _normalize_choice(name, "loss name", tuple(LOSSES))
     branch = _normalize_choice(branch, "branch", BRANCHES)
     counts = _as_class_counts(class_counts)
-    if name == "agcl":
-        _check_kwargs(AGCLLoss.__init__, kwargs, name)
-        gamma_pos, gamma_neg = _AGCL_GAMMAS[branch]
-        return AGCLLoss(counts, **{"gamma_pos": gamma_pos, "gamma_neg": gamma_neg, **kwargs})
-    if name == "ce":
-        _check_kwargs(ScaledCrossEntropyLoss.__init__, kwargs, name)
-        return ScaledCrossEntropyLoss(**kwargs)
-    _check_kwargs(LogitAdjustedCrossEntropyLoss.__init__, kwargs, name)
-    return LogitAdjustedCrossEntropyLoss(counts, **kwargs)
+    loss_cls = LOSSES[name]
+    _check_kwargs(loss_cls.__init__, kwargs, name)
+    options = {**getattr(loss_cls, "branch_defaults", {}).get(branch, {}), **kwargs}
+    if "class_counts" in inspect.signature(loss_cls.__init__).parameters:
+        return loss_cls(counts, **options)
+    return loss_cls(**options)
 
 
 def dual_sampling_beta(epoch: int, num_epochs: int, eta: float = 0.5) -> float:
@@ -509,7 +560,7 @@ class LPTObjective(nn.Module):
         dual_sampling_beta(0, num_epochs, eta)  # validates num_epochs and eta up front
         if not math.isfinite(matching_weight):
             raise ValueError(f"matching_weight must be finite, got {matching_weight}.")
-        self.loss_name = _normalize_choice(loss_name, "loss name", LOSS_NAMES)
+        self.loss_name = _normalize_choice(loss_name, "loss name", tuple(LOSSES))
         self.cb_loss = build_loss(self.loss_name, class_counts, branch="class_balanced", **loss_kwargs)
         # "instance_balanced" uses the authors' code's A-GCL exponents there; "class_balanced" the paper's (0, 4).
         self.ib_loss = build_loss(self.loss_name, class_counts, branch=instance_balanced_branch, **loss_kwargs)

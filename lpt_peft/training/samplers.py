@@ -5,42 +5,113 @@ own (every rank builds the same global draw from `(seed, epoch, step)` and keeps
 **not** be passed through `accelerator.prepare`, which would shard the batches a second time; move the batches to the
 device in the training loop instead. All randomness comes from local `torch.Generator`s, never the global RNG, so the
 batches depend only on `(seed, epoch, rank, num_replicas)` and a resumed run can replay an epoch from any step with
-:meth:`skip_batches`.
+:meth:`skip_batches`. The generators follow the one seeding scheme of `lpt_peft.training.seeding`.
+
+Samplers are looked up by name in `SAMPLERS`; `@register_sampler("name")` on a new class (or factory function) makes it
+available to `--sampler name` (see docs/extending.md). Every sampler has `split_sizes`: the sizes of the consecutive
+parts of each batch (one part per branch), at which the training loop splits the model output.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import operator
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-__all__ = ["ClassBalancedBatchSampler", "DualBatchSampler", "InstanceBalancedBatchSampler"]
+from lpt_peft.training.seeding import STREAM_CLASSES, STREAM_IMAGES, STREAM_INSTANCES, seeded_generator
 
-_MASK64 = (1 << 64) - 1
+__all__ = [
+    "SAMPLERS",
+    "ClassBalancedBatchSampler",
+    "DualBatchSampler",
+    "InstanceBalancedBatchSampler",
+    "create_sampler",
+    "register_sampler",
+]
 
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def _mix_seed(*values: int) -> int:
-    """Hashes integers into a 64-bit seed, so that nearby `(seed, epoch, step)` tuples give unrelated streams."""
-    state = 0
-    for value in values:
-        state = _splitmix64(state ^ (value & _MASK64))
-    return state
+# name -> factory(labels, batch_size, *, num_replicas, rank, seed, **options) -> batch sampler; see register_sampler.
+SAMPLERS: dict[str, Callable[..., Sampler]] = {}
+# What the training loop calls on a sampler besides iterating it.
+SAMPLER_INTERFACE = ("__len__", "set_epoch", "skip_batches", "split_sizes")
 
 
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator(device="cpu").manual_seed(seed)
+def _sampler_key(name: str) -> str:
+    return name.strip().lower().replace("-", "_")
+
+
+def register_sampler(name: str) -> Callable:
+    """
+    Decorator: register a batch-sampler class or factory under `name` for [`create_sampler`] and `--sampler name`.
+
+    The registered callable is called as `factory(labels, batch_size, num_replicas=..., rank=..., seed=...,
+    **options)`, where `labels` is the 1-D int64 tensor of the training labels, `batch_size` the images per process
+    and branch, and `options` the sampler options it accepts (today `samples_per_class`). It returns a
+    `torch.utils.data.Sampler` of index lists that also has `__len__` (batches per epoch and process),
+    `set_epoch(epoch)`, `skip_batches(n)` (resume mid-epoch: the next iteration starts at batch `n`) and
+    `split_sizes` (a tuple: sizes of the consecutive branch parts of every batch, e.g. `(cb, ib)` for dual sampling;
+    the first part goes to the class-balanced term of the objective, a second one to its instance-balanced term).
+
+    Raises:
+        ValueError: `name` is already registered (names are case-insensitive, `-` and `_` are the same).
+    """
+    key = _sampler_key(name)
+
+    def decorator(factory: Callable) -> Callable:
+        if key in SAMPLERS:
+            raise ValueError(f"A sampler named {key!r} is already registered ({SAMPLERS[key]!r}); pick another name.")
+        SAMPLERS[key] = factory
+        return factory
+
+    return decorator
+
+
+def create_sampler(
+    name: str,
+    labels: Sequence[int] | torch.Tensor,
+    batch_size: int,
+    *,
+    num_replicas: int | None = None,
+    rank: int | None = None,
+    seed: int = 0,
+    **options: Any,
+) -> Sampler:
+    """
+    Build the batch sampler registered as `name` (see [`register_sampler`]).
+
+    Args:
+        name (`str`): `"dual"` (LPT's dual sampling), `"class_balanced"`, `"instance_balanced"`, or a registered name.
+        labels (`Sequence[int]` or `torch.Tensor`): Class index of every training image.
+        batch_size (`int`): Images per process and per branch.
+        num_replicas, rank (`int`, *optional*): Data-parallel shard; default from `torch.distributed`.
+        seed (`int`, defaults to 0): Base seed, identical on all ranks.
+        options: Sampler options, e.g. `samples_per_class`.
+
+    Raises:
+        ValueError: unknown `name` (the registered names are listed), or an option the sampler does not accept.
+        TypeError: the built object lacks part of the sampler interface (`split_sizes`, `set_epoch`, ...).
+    """
+    if not isinstance(name, str) or _sampler_key(name) not in SAMPLERS:
+        raise ValueError(f"Unknown sampler {name!r}; registered samplers are {sorted(SAMPLERS)}.")
+    factory = SAMPLERS[_sampler_key(name)]
+    accepted = inspect.signature(factory).parameters
+    rejected = sorted(set(options) - set(accepted))
+    if rejected:
+        raise ValueError(
+            f"Sampler {name!r} does not accept option(s) {rejected}; it accepts "
+            f"{[p for p in accepted if p not in ('labels', 'batch_size')]}. Remove them for this sampler."
+        )
+    labels, _ = _as_labels(labels, None)
+    sampler = factory(labels, batch_size, num_replicas=num_replicas, rank=rank, seed=seed, **options)
+    missing = [attr for attr in SAMPLER_INTERFACE if not hasattr(sampler, attr)]
+    if missing:
+        raise TypeError(f"Sampler {name!r} built a {type(sampler).__name__} without {missing}; see register_sampler.")
+    return sampler
 
 
 def _as_int(value: Any) -> int | None:
@@ -162,7 +233,8 @@ class InstanceBalancedBatchSampler(_ShardedBatchSampler):
     """
     Instance-balanced (uniform over images) batches, sharded across data-parallel ranks.
 
-    Each epoch uses one random permutation of `range(num_samples)` drawn from a generator seeded with `seed + epoch`.
+    Each epoch uses one random permutation of `range(num_samples)` drawn from `seeded_generator(seed,
+    STREAM_INSTANCES, epoch)`.
     Step `s` takes the slice `[s * R * B, (s + 1) * R * B)` of the permutation (`R` ranks, batch size `B`) and rank `r`
     keeps its `r`-th block of `B` indices, so the global batch equals the single-process batch of size `R * B` and the
     ranks' shares are disjoint.
@@ -214,6 +286,11 @@ class InstanceBalancedBatchSampler(_ShardedBatchSampler):
             )
         super().__init__(num_replicas, rank, seed, start_batch)
 
+    @property
+    def split_sizes(self) -> tuple[int]:
+        """One part per batch: `(batch_size,)`."""
+        return (self.batch_size,)
+
     def __len__(self) -> int:
         global_batch = self.batch_size * self.num_replicas
         if self.drop_last:
@@ -222,7 +299,7 @@ class InstanceBalancedBatchSampler(_ShardedBatchSampler):
 
     def permutation(self, epoch: int) -> torch.Tensor:
         """The epoch's global order (before padding/truncation), identical on every rank."""
-        return torch.randperm(self.num_samples, generator=_generator(self.seed + epoch))
+        return torch.randperm(self.num_samples, generator=seeded_generator(self.seed, STREAM_INSTANCES, epoch))
 
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[list[int]]:
         return self._iter(epoch, self._check_start(start_batch))
@@ -239,6 +316,7 @@ class InstanceBalancedBatchSampler(_ShardedBatchSampler):
             yield order[step].tolist()
 
 
+@register_sampler("class_balanced")
 class ClassBalancedBatchSampler(_ShardedBatchSampler):
     """
     Class-balanced batches: `batch_size // samples_per_class` distinct classes, `samples_per_class` images each.
@@ -318,19 +396,24 @@ class ClassBalancedBatchSampler(_ShardedBatchSampler):
         self.num_batches = _check_positive_int(num_batches, "num_batches")
         super().__init__(num_replicas, rank, seed, start_batch)
 
+    @property
+    def split_sizes(self) -> tuple[int]:
+        """One part per batch: `(batch_size,)`."""
+        return (self.batch_size,)
+
     def __len__(self) -> int:
         return self.num_batches
 
     def global_classes(self, epoch: int, step: int) -> torch.Tensor:
         """The `num_replicas * classes_per_batch` classes of a step, identical on every rank; rank r takes block r."""
-        generator = _generator(_mix_seed(self.seed, epoch, step, 0))
+        generator = seeded_generator(self.seed, STREAM_CLASSES, epoch, step)
         num_needed = self.classes_per_batch * self.num_replicas
         choice = torch.randperm(self.present_classes.numel(), generator=generator)[:num_needed]
         return self.present_classes[choice]
 
     def _class_images(self, cls: int, epoch: int, step: int, slot: int) -> list[int]:
         count = int(self.class_counts[cls])
-        generator = _generator(_mix_seed(self.seed, epoch, step, 1, slot))
+        generator = seeded_generator(self.seed, STREAM_IMAGES, epoch, step, slot)
         if count >= self.samples_per_class:
             picks = torch.randperm(count, generator=generator)[: self.samples_per_class]
         else:
@@ -454,3 +537,27 @@ class DualBatchSampler(Sampler[list[int]]):
         # Consumed at the first batch request, see _ShardedBatchSampler.__iter__.
         start, self._start_batch = self._start_batch, 0
         yield from self.iter_epoch(self.epoch, start)
+
+
+@register_sampler("instance_balanced")
+def instance_balanced_sampler(
+    labels: torch.Tensor, batch_size: int, *, num_replicas: int | None, rank: int | None, seed: int
+) -> InstanceBalancedBatchSampler:
+    """Instance-balanced batches only (uniform over images), see [`InstanceBalancedBatchSampler`]."""
+    return InstanceBalancedBatchSampler(len(labels), batch_size, num_replicas=num_replicas, rank=rank, seed=seed)
+
+
+@register_sampler("dual")
+def dual_sampler(
+    labels: torch.Tensor,
+    batch_size: int,
+    *,
+    samples_per_class: int = 4,
+    num_replicas: int | None,
+    rank: int | None,
+    seed: int,
+) -> DualBatchSampler:
+    """LPT's dual sampling: a class-balanced batch followed by an instance-balanced one, both of `batch_size`."""
+    shard = {"num_replicas": num_replicas, "rank": rank, "seed": seed}
+    balanced = ClassBalancedBatchSampler(labels, batch_size, samples_per_class=samples_per_class, **shard)
+    return DualBatchSampler(balanced, InstanceBalancedBatchSampler(len(labels), batch_size, **shard))
