@@ -23,6 +23,7 @@ from lpt_peft.data.long_tail import (
     labels_as_numpy,
     make_long_tailed,
 )
+from lpt_peft.data.registry import register_dataset
 from lpt_peft.data.transforms import IMAGE_DECODE_ERRORS
 
 logger = logging.getLogger(__name__)
@@ -785,4 +786,84 @@ def load_cifar100_lt(
         num_classes=100,
         class_names=list(class_names),
         train_class_counts=count_labels(labels_as_numpy(train_lt), 100),
+    )
+
+
+# ---------------------------------------------------------------------------- registered under the CLI's names
+@register_dataset("cifar100_lt")
+def cifar100_lt(
+    n_max: int = 500,
+    imbalance: float = 100,
+    data_seed: int = 0,
+    val_per_class: int = 0,
+    data_root: str | os.PathLike | None = None,
+) -> LongTailDataset:
+    """CIFAR-100-LT: it has 100 classes, subsampled into the exponential profile of n_max / imbalance.
+
+    [`load_cifar100_lt`] under the names of the command line (`data_root` is its `data_dir`).
+    """
+    return load_cifar100_lt(
+        imbalance=imbalance, seed=data_seed, data_dir=data_root, val_per_class=val_per_class, n_max=n_max
+    )
+
+
+@register_dataset("places_lt")
+def places_lt(
+    data_root: str | os.PathLike, split_dir: str | os.PathLike, verify_images: bool = False, num_workers: int = 8
+) -> LongTailDataset:
+    """Places-LT: its splits and counts come from the split files.
+
+    See [`load_places_lt`].
+    """
+    return load_places_lt(data_root, split_dir, verify_images=verify_images, num_workers=num_workers)
+
+
+@register_dataset("imagenet_lt")
+def imagenet_lt(
+    data_root: str | os.PathLike, split_dir: str | os.PathLike, verify_images: bool = False, num_workers: int = 8
+) -> LongTailDataset:
+    """ImageNet-LT: its splits and counts come from the split files.
+
+    See [`load_imagenet_lt`].
+    """
+    return load_imagenet_lt(data_root, split_dir, verify_images=verify_images, num_workers=num_workers)
+
+
+@register_dataset("inat2018")
+def inat2018(
+    data_root: str | os.PathLike,
+    train_json: str | os.PathLike = "train2018.json",
+    val_json: str | os.PathLike = "val2018.json",
+    verify_images: bool = False,
+    num_workers: int = 8,
+) -> LongTailDataset:
+    """iNaturalist 2018: its splits and counts come from the annotation files.
+
+    See [`load_inaturalist2018`].
+    """
+    return load_inaturalist2018(
+        data_root, train_json, val_json, verify_images=verify_images, num_workers=num_workers
+    )
+
+
+@register_dataset("imagefolder")
+def imagefolder(
+    train_dir: str | os.PathLike,
+    test_dir: str | os.PathLike | None = None,
+    val_dir: str | os.PathLike | None = None,
+    verify_images: bool = False,
+    num_workers: int = 8,
+    flag_prefix: str = "",
+) -> LongTailDataset:
+    """Image folders: its splits, classes and counts come from the class folders.
+
+    See [`load_imagefolder_lt`].
+    """
+    return load_imagefolder_lt(
+        train_dir,
+        test_dir=test_dir,
+        val_dir=val_dir,
+        verify_images=verify_images,
+        num_workers=num_workers,
+        flag_prefix=flag_prefix,
     )

@@ -731,67 +731,9 @@ def load_adapter_weights(model: PeftModel, directory: Path) -> None:
 # ---------------------------------------------------------------------------------------------------- the whole run
 def build_dataset(args: LPTTrainingArguments) -> LongTailDataset:
     """The long-tailed data set named by `args.dataset`, with a clear error when its files are missing."""
-    from lpt_peft import data as lt
+    from lpt_peft.data.registry import dataset_from_args
 
-    def need(*names: str) -> None:
-        missing = [f"--{n}" for n in names if not getattr(args, n)]
-        if missing:
-            raise ValueError(f"--dataset {args.dataset} needs {', '.join(missing)} (see docs/datasets.md).")
-
-    if args.dataset == "synthetic":
-        from lpt_peft.data.synthetic import make_synthetic_long_tail
-
-        data = make_synthetic_long_tail(
-            num_classes=args.num_classes,
-            n_max=args.n_max,
-            imbalance=args.imbalance,
-            image_size=args.image_size,
-            val_per_class=args.val_per_class,
-            seed=args.data_seed,
-        )
-    elif args.dataset == "fashion_mnist_lt":
-        data = lt.load_fashion_mnist_lt(
-            n_max=args.n_max,
-            imbalance=args.imbalance,
-            seed=args.data_seed,
-            val_per_class=args.val_per_class,
-            data_dir=args.data_root,
-        )
-    elif args.dataset == "cifar100_lt":
-        data = lt.load_cifar100_lt(
-            imbalance=args.imbalance,
-            seed=args.data_seed,
-            data_dir=args.data_root,
-            val_per_class=args.val_per_class,
-            n_max=args.n_max,
-        )
-    elif args.dataset in ("places_lt", "imagenet_lt"):
-        need("data_root", "split_dir")
-        loader = lt.load_places_lt if args.dataset == "places_lt" else lt.load_imagenet_lt
-        data = loader(
-            args.data_root, args.split_dir, verify_images=args.verify_images, num_workers=max(1, args.num_workers)
-        )
-    elif args.dataset == "inat2018":
-        need("data_root")
-        kwargs = {k: getattr(args, k) for k in ("train_json", "val_json") if getattr(args, k)}
-        data = lt.load_inaturalist2018(
-            args.data_root, verify_images=args.verify_images, num_workers=max(1, args.num_workers), **kwargs
-        )
-    else:
-        need("train_dir")
-        data = lt.load_imagefolder_lt(
-            args.train_dir,
-            test_dir=args.test_dir,
-            val_dir=args.val_dir,
-            verify_images=args.verify_images,
-            num_workers=max(1, args.num_workers),
-            flag_prefix="--",
-        )
-    if args.verify_images and not data.skipped_images:  # built in memory: verify here, like the file loaders do
-        data = lt.drop_unreadable_images(data, num_workers=max(1, args.num_workers))
-    if args.max_test_per_class:
-        data.test = _cap_per_class(data.test, args.max_test_per_class)
-    return data
+    return dataset_from_args(args)
 
 
 def _cap_per_class(dataset, cap: int):
