@@ -158,8 +158,8 @@ def _check_profile(profile: str, n_max: int, imbalance: float, data_seed: int) -
         changed = [f"{k}={v}" for k, v in given.items() if v != _PROFILE_DEFAULTS[k]]
         if changed:
             raise ValueError(
-                f"{', '.join(changed)} only apply to a subsampled training split, but long_tail_profile is 'none' (the "
-                "training split is used as it is); pass --long_tail_profile exponential or drop them."
+                f"{', '.join(changed)} only apply to a subsampled training split, but long_tail_profile is 'none' "
+                "(the training split is used as it is); pass --long_tail_profile exponential or drop them."
             )
 
 

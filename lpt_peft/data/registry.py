@@ -69,10 +69,14 @@ def register_dataset(name: str | None = None, *, overwrite: bool = False) -> Cal
             raise ValueError(
                 f"A data-set name must be a non-empty string not starting with {HUB_PREFIX!r}, got {key!r}."
             )
-        variadic = [p.name for p in _parameters(builder) if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        variadic = [
+            ("**" if p.kind == p.VAR_KEYWORD else "*") + p.name
+            for p in _parameters(builder)
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
         if variadic:
             raise ValueError(
-                f"The builder of data set {key!r} takes *{variadic[0]}; declare each option as a named parameter so "
+                f"The builder of data set {key!r} takes {variadic[0]}; declare each option as a named parameter so "
                 "that options it does not use can be refused."
             )
         current = _REGISTRY.get(key)
