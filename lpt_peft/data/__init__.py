@@ -36,19 +36,19 @@ from lpt_peft.data.registry import (
     list_datasets,
     register_dataset,
 )
+from lpt_peft.data.seeding import seed_from_keys, torch_generator
 from lpt_peft.data.synthetic import make_synthetic_long_tail
-from lpt_peft.data.transforms import LPTImageTransform, apply_transforms, collate_fn, decode_image, to_rgb
+from lpt_peft.data.transforms import LPTImageTransform, TransformedImageDataset, decode_image, to_rgb
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
     "LPTImageTransform",
     "LongTailDataset",
-    "apply_transforms",
+    "TransformedImageDataset",
     "check_images_decode",
     "check_imagefolder_layout",
     "drop_unreadable_images",
     "find_unreadable_images",
-    "collate_fn",
     "count_labels",
     "create_dataset",
     "dataset_from_args",
@@ -73,5 +73,7 @@ __all__ = [
     "read_idx",
     "read_split_file",
     "register_dataset",
+    "seed_from_keys",
     "to_rgb",
+    "torch_generator",
 ]

@@ -201,7 +201,7 @@ def load_split_file_dataset(
         verify_images (`bool`, defaults to `False`): Decode every image once and skip those that cannot be read
             (corrupt or truncated files). The number skipped per split is logged as a warning and stored in
             `LongTailDataset.skipped_images`. Without it, an unreadable image raises a `ValueError` naming the file
-            when it is first decoded through [`apply_transforms`].
+            when it is first decoded through [`TransformedImageDataset`].
         check_files (`bool`, defaults to `True`): Check that every listed image exists (fast; no decoding).
         num_workers (`int`, defaults to 8): Threads used by `verify_images`.
         download_hint (`str`, *optional*): Where to get the data, appended to file-not-found errors.
