@@ -2,6 +2,7 @@
 set through `datasets.load_dataset` (tested on local `save_to_disk` and parquet copies, never the network), and the
 worked example of docs/extending.md."""
 
+import json
 import re
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from lpt_peft.data import (
     LongTailDataset,
     create_dataset,
     dataset_options,
+    dataset_options_from_args,
     list_datasets,
     long_tail_counts,
     make_synthetic_long_tail,
@@ -21,7 +23,7 @@ from lpt_peft.data import (
 )
 from lpt_peft.data import registry as registry_module
 from lpt_peft.training.arguments import DATASETS, LPTTrainingArguments
-from lpt_peft.training.run import build_dataset
+from lpt_peft.training.run import build_dataset, run_training
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = ["ant", "bee", "cow"]
@@ -202,6 +204,8 @@ def test_the_command_line_reaches_the_hub_builder(saved):
     args = LPTTrainingArguments(dataset=str(saved / "disk"), image_column="img", max_test_per_class=1, **base)
     data = build_dataset(args)
     assert data.train_class_counts == [12, 6, 4] and len(data.test) == 3
+    recorded = dataset_options_from_args(args)
+    assert recorded["image_column"] == "img" and recorded["max_test_per_class"] == 1 and "data_root" not in recorded
     profile = {"long_tail_profile": "exponential", "n_max": 8, "imbalance": 4, "val_per_class": 1}
     args = LPTTrainingArguments(dataset=f"hfds/{saved / 'parquet'}", image_column="img", **profile, **base)
     assert build_dataset(args).train_class_counts == [8, 4, 2]
@@ -209,6 +213,18 @@ def test_the_command_line_reaches_the_hub_builder(saved):
         LPTTrainingArguments(dataset=str(saved / "disk"), split_dir="/s", **base)
     with pytest.raises(ValueError, match=r"--image_column img does not apply to --dataset synthetic"):
         LPTTrainingArguments(dataset="synthetic", image_column="img", **base)
+
+
+def test_a_run_trains_on_a_local_copy(saved, tmp_path):
+    args = LPTTrainingArguments(
+        dataset=str(saved / "disk"), image_column="img", model_name_or_path="tiny-random", image_size=16,
+        batch_size=4, samples_per_class=2, num_groups=4, shared_layers=2, num_workers=0, report_to="none",
+        phase="1", epochs_phase1=1, max_steps_per_epoch=1, output_dir=str(tmp_path / "out"),
+    )  # fmt: skip
+    run_training(args)
+    info = json.loads((tmp_path / "out" / "class_info.json").read_text())
+    assert info["train_class_counts"] == [12, 6, 4] and info["class_names"] == NAMES
+    assert (tmp_path / "out" / "phase1" / "adapter_model.safetensors").is_file()
 
 
 # ------------------------------------------------------------------------------------------ docs/extending.md

@@ -33,6 +33,7 @@ from lpt_peft.data.registry import (
     create_dataset,
     dataset_from_args,
     dataset_options,
+    dataset_options_from_args,
     list_datasets,
     register_dataset,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "create_dataset",
     "dataset_from_args",
     "dataset_options",
+    "dataset_options_from_args",
     "dataset_from_uint8_arrays",
     "decode_image",
     "infer_num_classes",

@@ -279,17 +279,26 @@ def check_dataset_arguments(args: Any) -> None:
     check_dataset_options(args.dataset, explicit, flag_prefix="--")
 
 
-def dataset_from_args(args: Any) -> LongTailDataset:
+def dataset_options_from_args(args: Any) -> dict[str, Any]:
     """
-    The data set of a training run: `create_dataset(args.dataset, **options)` where the options are the values (set
-    or default) of the data-set arguments of [`LPTTrainingArguments`] the data set accepts. One it does not accept
-    is refused when set (it is already when `args` is built), ignored at its default.
+    The options `--dataset args.dataset` is built with: the value (set or default) of each data-set argument of
+    [`LPTTrainingArguments`] the data set accepts. What a run records to rebuild its data set.
+
+    Raises:
+        ValueError: a data-set argument set for a data set that does not accept it.
     """
     values, _ = _dataset_arguments(args)
     check_dataset_arguments(args)
     accepted = dataset_options(args.dataset)
-    options = {k: v for k, v in values.items() if k in accepted}
-    return create_dataset(args.dataset, flag_prefix="--", **options)
+    return {k: v for k, v in values.items() if k in accepted}
+
+
+def dataset_from_args(args: Any) -> LongTailDataset:
+    """
+    The data set of a training run: `create_dataset(args.dataset, **dataset_options_from_args(args))`. An argument
+    the data set does not accept is refused when set (already when `args` is built), ignored at its default.
+    """
+    return create_dataset(args.dataset, flag_prefix="--", **dataset_options_from_args(args))
 
 
 def registered_builders() -> Iterable[tuple[str, Callable[..., LongTailDataset]]]:
