@@ -176,6 +176,20 @@ def _build_long_tail_dataset(
     )
 
 
+def _split_file_paths(split_files: Mapping[str, str | os.PathLike], download_hint: str) -> dict[str, Path]:
+    unknown = [key for key in split_files if key not in _SPLIT_ALIASES]
+    if unknown:
+        raise ValueError(f"Unknown split name(s) {unknown}; use 'train', 'val' (or 'validation') and 'test'.")
+    files = {_SPLIT_ALIASES[key]: Path(value) for key, value in split_files.items()}
+    for required in ("train", "test"):
+        if required not in files:
+            raise ValueError(f"`split_files` needs a {required!r} entry, got {sorted(split_files)}.")
+    for split, path in files.items():
+        if not path.is_file():
+            raise FileNotFoundError(f"The {split} split file {path} does not exist. {download_hint}".rstrip())
+    return files
+
+
 def load_split_file_dataset(
     root: str | os.PathLike,
     split_files: Mapping[str, str | os.PathLike],
@@ -218,17 +232,7 @@ def load_split_file_dataset(
     (62500, 4980)
     ```
     """
-    unknown = [key for key in split_files if key not in _SPLIT_ALIASES]
-    if unknown:
-        raise ValueError(f"Unknown split name(s) {unknown}; use 'train', 'val' (or 'validation') and 'test'.")
-    files = {_SPLIT_ALIASES[key]: Path(value) for key, value in split_files.items()}
-    for required in ("train", "test"):
-        if required not in files:
-            raise ValueError(f"`split_files` needs a {required!r} entry, got {sorted(split_files)}.")
-    for split, path in files.items():
-        if not path.is_file():
-            raise FileNotFoundError(f"The {split} split file {path} does not exist. {download_hint}".rstrip())
-
+    files = _split_file_paths(split_files, download_hint)
     parsed = {split: _parse_split_file(files[split]) for split in SPLIT_NAMES if split in files}
     max_label = max((max(labels) for _, labels, _ in parsed.values() if labels), default=-1)
     if num_classes is None:

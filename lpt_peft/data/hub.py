@@ -89,6 +89,11 @@ def _pick_splits(loaded: datasets.DatasetDict, train: str, validation: str, test
 
 def _class_space(train: datasets.Dataset, label_column: str, split: str) -> tuple[list[str], np.ndarray | None]:
     """Class names, and the sorted label values when the labels are plain integers (None for a ClassLabel)."""
+    if label_column not in train.column_names:
+        raise ValueError(
+            f"The {split} split has no column {label_column!r}; its columns are {train.column_names}. Pass "
+            "--label_column <column> (`label_column=` in Python)."
+        )
     feature = train.features[label_column]
     if isinstance(feature, datasets.ClassLabel):
         return list(feature.names), None
@@ -220,13 +225,7 @@ def load_hub_dataset(
     _check_profile(long_tail_profile, n_max, imbalance, data_seed)
     loaded = _load(path, dataset_config_name)
     splits = _pick_splits(loaded, train_split, validation_split, test_split)
-    train = loaded[splits["train"]]
-    if label_column not in train.column_names:
-        raise ValueError(
-            f"The {splits['train']} split has no column {label_column!r}; its columns are {train.column_names}. "
-            "Pass --label_column <column> (`label_column=` in Python)."
-        )
-    names, values = _class_space(train, label_column, splits["train"])
+    names, values = _class_space(loaded[splits["train"]], label_column, splits["train"])
     built = {
         role: _standardise(loaded[split], split, image_column, label_column, names, values)
         for role, split in splits.items()
@@ -238,6 +237,10 @@ def load_hub_dataset(
         )
         if val is not None:
             built["val"] = val
+    return _long_tail_dataset(built, names)
+
+
+def _long_tail_dataset(built: dict[str, datasets.Dataset], names: list[str]) -> LongTailDataset:
     counts = count_labels(labels_as_numpy(built["train"]), len(names))
     empty = [names[i] for i, n in enumerate(counts) if n == 0]
     if empty:
