@@ -591,3 +591,15 @@ def test_cifar100_python_pickles_are_decoded_channel_first(tmp_path):
     assert benchmarks._standardise_cifar_columns(renamed)["train"].column_names == ["image", "label"]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         benchmarks._load_cifar100(tmp_path / "absent")
+
+
+def test_seed_from_keys_is_seedsequence_and_checks_its_keys():
+    from lpt_peft.data import seed_from_keys
+
+    expected = int(np.random.SeedSequence([7, 0, 12]).generate_state(1, dtype=np.uint64)[0]) >> 1
+    assert seed_from_keys(7, 0, 12) == expected < 2**63
+    assert seed_from_keys(-1) == seed_from_keys(2**64 - 1)  # negative keys wrap modulo 2**64
+    with pytest.raises(ValueError, match="integers"):
+        seed_from_keys(True)
+    with pytest.raises(ValueError, match="integers"):
+        seed_from_keys()

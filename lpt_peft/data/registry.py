@@ -144,7 +144,8 @@ def _summary(builder: Callable) -> str:
 
 
 def _users(option: str) -> list[str]:
-    return [n for n, b in sorted(_REGISTRY.items()) if option in {p.name for p in _parameters(b)}]
+    users = [n for n, b in sorted(_REGISTRY.items()) if option in {p.name for p in _parameters(b)}]
+    return [f"Hub/local data sets ({HUB_PREFIX}...)" if n == HUB_BUILDER else n for n in users]
 
 
 def check_dataset_options(name: str, options: dict[str, Any], flag_prefix: str = "") -> None:
