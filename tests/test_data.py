@@ -17,9 +17,8 @@ from conftest import places_lt_split_dir
 from lpt_peft.data import (
     LongTailDataset,
     LPTImageTransform,
-    apply_transforms,
+    TransformedImageDataset,
     benchmarks,
-    collate_fn,
     count_labels,
     dataset_from_uint8_arrays,
     labels_as_numpy,
@@ -260,14 +259,14 @@ def test_verify_images_skips_and_counts_unreadable(tmp_path, caplog):
     assert data.skipped_images == {"train": 2, "val": 0, "test": 0}
     assert len(data.train) == 6 and data.train_class_counts == [3, 2, 1]
     assert "Skipped 2 unreadable" in caplog.text
-    batch = apply_transforms(data.train, LPTImageTransform(4, train=False))[:]
+    batch = next(iter(torch.utils.data.DataLoader(TransformedImageDataset(data.train, LPTImageTransform(4)), 8)))
     assert batch["pixel_values"].shape == (6, 3, 4, 4)
 
 
 def test_unreadable_image_without_verify_raises_clear_error(tmp_path):
     root, files = _corrupt_tree(tmp_path)
     data = load_split_file_dataset(root, files)
-    ds = apply_transforms(data.train, LPTImageTransform(4, train=False))
+    ds = TransformedImageDataset(data.train, LPTImageTransform(4, train=False))
     broken = [
         i
         for i, path in enumerate(data.train.cast_column("image", datasets.Image(decode=False))["image"])
@@ -400,24 +399,40 @@ def test_transform_rejects_bad_arguments():
         LPTImageTransform(224, std=(0.5, 0.0, 0.5))
 
 
-def test_apply_transforms_and_collate_in_a_dataloader():
+def test_transformed_dataset_in_a_dataloader_with_the_default_collate():
     images = np.random.default_rng(10).integers(0, 256, (10, 12, 12, 3), dtype=np.uint8)
     ds = dataset_from_uint8_arrays(images, [i % 3 for i in range(10)], ["a", "b", "c"])
     assert np.array_equal(np.asarray(ds[4]["image"]), images[4])
-    eval_ds = apply_transforms(ds, LPTImageTransform(12, train=False, resize_size=12))
+    eval_ds = TransformedImageDataset(ds, LPTImageTransform(12, train=False, resize_size=12))
     row = eval_ds[4]
     assert torch.allclose(row["pixel_values"], _normalise(images[4])) and row["labels"].item() == 1
-    loader = torch.utils.data.DataLoader(
-        apply_transforms(ds, LPTImageTransform(8, train=True, seed=0)), batch_size=4, collate_fn=collate_fn
-    )
+    loader = torch.utils.data.DataLoader(TransformedImageDataset(ds, LPTImageTransform(8, train=True)), batch_size=4)
     batches = list(loader)
     assert [b["pixel_values"].shape for b in batches] == [(4, 3, 8, 8), (4, 3, 8, 8), (2, 3, 8, 8)]
     assert torch.cat([b["labels"] for b in batches]).tolist() == [i % 3 for i in range(10)]
     assert batches[0]["labels"].dtype == torch.int64
-    with pytest.raises(ValueError, match="apply_transforms"):
-        collate_fn([ds[0]])
-    with pytest.raises(ValueError, match="'pixels' not found"):
-        apply_transforms(ds, LPTImageTransform(8), image_column="pixels")
+    with pytest.raises(ValueError, match=r"Column 'pixels' not found; the dataset has columns \['image', 'label'\]"):
+        TransformedImageDataset(ds, LPTImageTransform(8), image_column="pixels")
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_index_only():
+    images = np.random.default_rng(11).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    ds = dataset_from_uint8_arrays(images, [0, 1, 2, 0, 1, 2], ["a", "b", "c"])
+    transform = LPTImageTransform(8, train=True)
+    train = TransformedImageDataset(ds, transform, seed=3)
+    train.set_epoch(2)
+    # Reference: the same transform called with the generator of numpy SeedSequence([3, 2, i]), as documented.
+    for i in (5, 0, 3):  # any order
+        state = np.random.SeedSequence([3, 2, i]).generate_state(1, dtype=np.uint64)[0]
+        generator = torch.Generator().manual_seed(int(state) >> 1)
+        assert torch.equal(train[i]["pixel_values"], transform(PIL.Image.fromarray(images[i]), generator=generator))
+    two_workers = torch.utils.data.DataLoader(train, batch_size=2, num_workers=2)
+    in_process = torch.stack([train[i]["pixel_values"] for i in range(6)])
+    assert torch.equal(torch.cat([b["pixel_values"] for b in two_workers]), in_process)
+    epoch_two = train[0]["pixel_values"]
+    train.set_epoch(3)
+    assert not torch.equal(train[0]["pixel_values"], epoch_two)
+    assert not torch.equal(TransformedImageDataset(ds, transform, seed=4)[0]["pixel_values"], train[0]["pixel_values"])
 
 
 # ----------------------------------------------------------------------------------------------- Fashion-MNIST
@@ -576,3 +591,15 @@ def test_cifar100_python_pickles_are_decoded_channel_first(tmp_path):
     assert benchmarks._standardise_cifar_columns(renamed)["train"].column_names == ["image", "label"]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         benchmarks._load_cifar100(tmp_path / "absent")
+
+
+def test_seed_from_keys_is_seedsequence_and_checks_its_keys():
+    from lpt_peft.data import seed_from_keys
+
+    expected = int(np.random.SeedSequence([7, 0, 12]).generate_state(1, dtype=np.uint64)[0]) >> 1
+    assert seed_from_keys(7, 0, 12) == expected < 2**63
+    assert seed_from_keys(-1) == seed_from_keys(2**64 - 1)  # negative keys wrap modulo 2**64
+    with pytest.raises(ValueError, match="integers"):
+        seed_from_keys(True)
+    with pytest.raises(ValueError, match="integers"):
+        seed_from_keys()

@@ -67,6 +67,7 @@ def fixtures(tmp_path_factory):
             "val_dir": str(folders / "val"),
         },
         "places_lt": {"dataset": "places_lt", "data_root": str(places_root), "split_dir": str(places_splits)},
+        "someone/data": {"dataset": "someone/data"},
     }
 
 
@@ -83,15 +84,23 @@ def make_args(base, tmp_path=None, **overrides):
 SAMPLE = {
     "data_root": "/data/x", "split_dir": "/data/splits", "train_json": "t.json", "val_json": "v.json",
     "train_dir": "/data/train", "val_dir": "/data/val", "test_dir": "/data/test", "n_max": 7, "imbalance": 8.0,
-    "val_per_class": 2, "data_seed": 5, "num_classes": 4,
+    "val_per_class": 2, "data_seed": 5, "num_classes": 4, "dataset_config_name": "cfg", "image_column": "img",
+    "label_column": "fine_label", "train_split": "tr", "validation_split": "dev", "test_split": "holdout",
+    "long_tail_profile": "exponential",
 }  # fmt: skip
+# Options only a Hub/local data set (datasets.load_dataset) has a use for.
+HUB_ONLY = ("dataset_config_name", "image_column", "label_column", "train_split", "validation_split", "test_split",
+            "long_tail_profile")  # fmt: skip
 # Written by hand from what each data set is: which data options it has no use for (and therefore refuses).
 REJECTED = {
-    "synthetic": ("data_root", "split_dir", "train_json", "val_json", "train_dir", "val_dir", "test_dir"),
+    "synthetic": ("data_root", "split_dir", "train_json", "val_json", "train_dir", "val_dir", "test_dir", *HUB_ONLY),
     "imagefolder": ("data_root", "split_dir", "train_json", "val_json", "n_max", "imbalance", "val_per_class",
-                    "data_seed", "num_classes"),
+                    "data_seed", "num_classes", *HUB_ONLY),
     "places_lt": ("train_json", "val_json", "train_dir", "val_dir", "test_dir", "n_max", "imbalance",
-                  "val_per_class", "data_seed", "num_classes"),
+                  "val_per_class", "data_seed", "num_classes", *HUB_ONLY),
+    # A Hub id: its splits, columns and classes come from the data set (nothing is loaded to check the options).
+    "someone/data": ("data_root", "split_dir", "train_json", "val_json", "train_dir", "val_dir", "test_dir",
+                     "num_classes"),
 }  # fmt: skip
 REJECT_CASES = [(dataset, option) for dataset, options in REJECTED.items() for option in options]
 

@@ -23,6 +23,7 @@ from lpt_peft.data.long_tail import (
     labels_as_numpy,
     make_long_tailed,
 )
+from lpt_peft.data.registry import register_dataset
 from lpt_peft.data.transforms import IMAGE_DECODE_ERRORS
 
 logger = logging.getLogger(__name__)
@@ -175,6 +176,20 @@ def _build_long_tail_dataset(
     )
 
 
+def _split_file_paths(split_files: Mapping[str, str | os.PathLike], download_hint: str) -> dict[str, Path]:
+    unknown = [key for key in split_files if key not in _SPLIT_ALIASES]
+    if unknown:
+        raise ValueError(f"Unknown split name(s) {unknown}; use 'train', 'val' (or 'validation') and 'test'.")
+    files = {_SPLIT_ALIASES[key]: Path(value) for key, value in split_files.items()}
+    for required in ("train", "test"):
+        if required not in files:
+            raise ValueError(f"`split_files` needs a {required!r} entry, got {sorted(split_files)}.")
+    for split, path in files.items():
+        if not path.is_file():
+            raise FileNotFoundError(f"The {split} split file {path} does not exist. {download_hint}".rstrip())
+    return files
+
+
 def load_split_file_dataset(
     root: str | os.PathLike,
     split_files: Mapping[str, str | os.PathLike],
@@ -200,7 +215,7 @@ def load_split_file_dataset(
         verify_images (`bool`, defaults to `False`): Decode every image once and skip those that cannot be read
             (corrupt or truncated files). The number skipped per split is logged as a warning and stored in
             `LongTailDataset.skipped_images`. Without it, an unreadable image raises a `ValueError` naming the file
-            when it is first decoded through [`apply_transforms`].
+            when it is first decoded through [`TransformedImageDataset`].
         check_files (`bool`, defaults to `True`): Check that every listed image exists (fast; no decoding).
         num_workers (`int`, defaults to 8): Threads used by `verify_images`.
         download_hint (`str`, *optional*): Where to get the data, appended to file-not-found errors.
@@ -217,17 +232,7 @@ def load_split_file_dataset(
     (62500, 4980)
     ```
     """
-    unknown = [key for key in split_files if key not in _SPLIT_ALIASES]
-    if unknown:
-        raise ValueError(f"Unknown split name(s) {unknown}; use 'train', 'val' (or 'validation') and 'test'.")
-    files = {_SPLIT_ALIASES[key]: Path(value) for key, value in split_files.items()}
-    for required in ("train", "test"):
-        if required not in files:
-            raise ValueError(f"`split_files` needs a {required!r} entry, got {sorted(split_files)}.")
-    for split, path in files.items():
-        if not path.is_file():
-            raise FileNotFoundError(f"The {split} split file {path} does not exist. {download_hint}".rstrip())
-
+    files = _split_file_paths(split_files, download_hint)
     parsed = {split: _parse_split_file(files[split]) for split in SPLIT_NAMES if split in files}
     max_label = max((max(labels) for _, labels, _ in parsed.values() if labels), default=-1)
     if num_classes is None:
@@ -785,4 +790,84 @@ def load_cifar100_lt(
         num_classes=100,
         class_names=list(class_names),
         train_class_counts=count_labels(labels_as_numpy(train_lt), 100),
+    )
+
+
+# ---------------------------------------------------------------------------- registered under the CLI's names
+@register_dataset("cifar100_lt")
+def cifar100_lt(
+    n_max: int = 500,
+    imbalance: float = 100,
+    data_seed: int = 0,
+    val_per_class: int = 0,
+    data_root: str | os.PathLike | None = None,
+) -> LongTailDataset:
+    """CIFAR-100-LT: it has 100 classes, subsampled into the exponential profile of n_max / imbalance.
+
+    [`load_cifar100_lt`] under the names of the command line (`data_root` is its `data_dir`).
+    """
+    return load_cifar100_lt(
+        imbalance=imbalance, seed=data_seed, data_dir=data_root, val_per_class=val_per_class, n_max=n_max
+    )
+
+
+@register_dataset("places_lt")
+def places_lt(
+    data_root: str | os.PathLike, split_dir: str | os.PathLike, verify_images: bool = False, num_workers: int = 8
+) -> LongTailDataset:
+    """Places-LT: its splits and counts come from the split files.
+
+    See [`load_places_lt`].
+    """
+    return load_places_lt(data_root, split_dir, verify_images=verify_images, num_workers=num_workers)
+
+
+@register_dataset("imagenet_lt")
+def imagenet_lt(
+    data_root: str | os.PathLike, split_dir: str | os.PathLike, verify_images: bool = False, num_workers: int = 8
+) -> LongTailDataset:
+    """ImageNet-LT: its splits and counts come from the split files.
+
+    See [`load_imagenet_lt`].
+    """
+    return load_imagenet_lt(data_root, split_dir, verify_images=verify_images, num_workers=num_workers)
+
+
+@register_dataset("inat2018")
+def inat2018(
+    data_root: str | os.PathLike,
+    train_json: str | os.PathLike = "train2018.json",
+    val_json: str | os.PathLike = "val2018.json",
+    verify_images: bool = False,
+    num_workers: int = 8,
+) -> LongTailDataset:
+    """iNaturalist 2018: its splits and counts come from the annotation files.
+
+    See [`load_inaturalist2018`].
+    """
+    return load_inaturalist2018(
+        data_root, train_json, val_json, verify_images=verify_images, num_workers=num_workers
+    )
+
+
+@register_dataset("imagefolder")
+def imagefolder(
+    train_dir: str | os.PathLike,
+    test_dir: str | os.PathLike | None = None,
+    val_dir: str | os.PathLike | None = None,
+    verify_images: bool = False,
+    num_workers: int = 8,
+    flag_prefix: str = "",
+) -> LongTailDataset:
+    """Image folders: its splits, classes and counts come from the class folders.
+
+    See [`load_imagefolder_lt`].
+    """
+    return load_imagefolder_lt(
+        train_dir,
+        test_dir=test_dir,
+        val_dir=val_dir,
+        verify_images=verify_images,
+        num_workers=num_workers,
+        flag_prefix=flag_prefix,
     )

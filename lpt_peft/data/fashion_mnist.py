@@ -16,6 +16,7 @@ from lpt_peft.data.long_tail import (
     labels_as_numpy,
     make_long_tailed,
 )
+from lpt_peft.data.registry import register_dataset
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_HUB_ID = "zalando-datasets/fashion_mnist"
@@ -168,4 +169,21 @@ def load_fashion_mnist_lt(
         num_classes=len(class_names),
         class_names=class_names,
         train_class_counts=count_labels(labels_as_numpy(train), len(class_names)),
+    )
+
+
+@register_dataset("fashion_mnist_lt")
+def fashion_mnist_lt(
+    n_max: int = 500,
+    imbalance: float = 100,
+    data_seed: int = 0,
+    val_per_class: int = 20,
+    data_root: str | os.PathLike | None = None,
+) -> LongTailDataset:
+    """Fashion-MNIST-LT: it has 10 classes, subsampled into the exponential profile of n_max / imbalance.
+
+    [`load_fashion_mnist_lt`] under the names of the command line (`data_root` is its `data_dir`).
+    """
+    return load_fashion_mnist_lt(
+        n_max=n_max, imbalance=imbalance, seed=data_seed, val_per_class=val_per_class, data_dir=data_root
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from lpt_peft.data.long_tail import LongTailDataset, dataset_from_uint8_arrays, long_tail_counts
+from lpt_peft.data.registry import register_dataset
 
 
 def make_synthetic_long_tail(
@@ -46,4 +47,27 @@ def make_synthetic_long_tail(
     test = dataset_from_uint8_arrays(*draw([test_per_class] * num_classes), names)
     return LongTailDataset(
         train=train, val=val, test=test, num_classes=num_classes, class_names=names, train_class_counts=counts
+    )
+
+
+@register_dataset("synthetic")
+def synthetic(
+    num_classes: int = 10,
+    n_max: int = 40,
+    imbalance: float = 10.0,
+    image_size: int = 32,
+    val_per_class: int = 4,
+    data_seed: int = 0,
+) -> LongTailDataset:
+    """Synthetic: it is generated in memory (coloured patterns under noise, exponential class sizes).
+
+    The options of [`make_synthetic_long_tail`] under the names of the command line (`data_seed` is its `seed`).
+    """
+    return make_synthetic_long_tail(
+        num_classes=num_classes,
+        n_max=n_max,
+        imbalance=imbalance,
+        image_size=image_size,
+        val_per_class=val_per_class,
+        seed=data_seed,
     )

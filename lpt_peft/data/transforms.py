@@ -14,6 +14,8 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 
+from lpt_peft.data.seeding import torch_generator
+
 _RESAMPLING = {
     "nearest": PIL.Image.Resampling.NEAREST,
     "bilinear": PIL.Image.Resampling.BILINEAR,
@@ -82,8 +84,10 @@ class LPTImageTransform:
         ratio (`tuple[float, float]`, defaults to `(3/4, 4/3)`): Range of the crop aspect ratio (width / height).
         interpolation (`str`, defaults to `"bilinear"`): `"bilinear"`, `"bicubic"` or `"nearest"`.
         seed (`int`, *optional*): Seed of a private generator for reproducible crops and flips. When `None` the
-            global torch RNG is used, which `DataLoader` reseeds in every worker. With a seed, worker `w` of a
-            `DataLoader` uses `seed + 1_000_003 * (w + 1)` so that workers do not repeat each other's augmentations.
+            global torch RNG is used, which `DataLoader` reseeds in every worker. With a seed, the main process draws
+            from [`torch_generator`]`(seed)` and worker `w` of a `DataLoader` from `torch_generator(seed, w + 1)`, so
+            workers do not repeat each other's augmentations. Training does not rely on it: [`TransformedImageDataset`]
+            passes each image its own generator.
 
     Example:
 
@@ -155,8 +159,8 @@ class LPTImageTransform:
         worker_id = worker.id if worker is not None else -1
         owner = (os.getpid(), worker_id)
         if self._generator is None or self._generator_owner != owner:
-            seed = self.seed if worker_id < 0 else self.seed + 1_000_003 * (worker_id + 1)
-            self._generator = torch.Generator().manual_seed(seed)
+            keys = (self.seed,) if worker_id < 0 else (self.seed, worker_id + 1)
+            self._generator = torch_generator(*keys)
             self._generator_owner = owner
         return self._generator
 
@@ -202,7 +206,7 @@ class LPTImageTransform:
         if not isinstance(image, PIL.Image.Image):
             raise TypeError(
                 f"LPTImageTransform expects a PIL image, got {type(image).__name__}; decode it first or use "
-                "`apply_transforms`, which decodes dataset rows."
+                "`TransformedImageDataset`, which decodes dataset rows."
             )
         image = to_rgb(image)
         resample = _RESAMPLING[self.interpolation]
@@ -255,67 +259,72 @@ def decode_image(value: Any) -> PIL.Image.Image:
     return image
 
 
-def apply_transforms(
-    dataset: datasets.Dataset,
-    transform: Callable[[PIL.Image.Image], torch.Tensor],
-    image_column: str = "image",
-    label_column: str = "label",
-) -> datasets.Dataset:
+class TransformedImageDataset(torch.utils.data.Dataset):
     """
-    Attach `transform` on the fly: rows come out as `{"pixel_values": float tensor, "labels": int64 tensor}`.
+    A `datasets.Dataset` with an image and a label column seen through an [`LPTImageTransform`]: item `i` is
+    `{"pixel_values": float32 (3, H, W), "labels": int64 scalar}`, so `torch.utils.data.default_collate` (the
+    `DataLoader` default) stacks a batch into `pixel_values` `(B, 3, H, W)` and `labels` `(B,)`.
 
-    Images are decoded here rather than by `datasets`, so that an unreadable file raises a `ValueError` naming it
-    (instead of an opaque error inside a `DataLoader` worker).
+    Random augmentation of item `i` in epoch `e` is drawn from its own generator, [`torch_generator`]`(seed, e, i)`
+    (numpy `SeedSequence`), so the images of a step depend neither on the number of workers nor on when an iterator
+    was created: a resumed run sees exactly the crops of an uninterrupted one. Images are decoded here rather than by
+    `datasets`, so an unreadable file raises a `ValueError` naming it instead of an opaque error in a worker.
+
+    Args:
+        dataset (`datasets.Dataset`): Rows with `image_column` (`datasets.Image`, paths or bytes) and `label_column`.
+        transform (`LPTImageTransform`): The training (random) or evaluation (deterministic) preprocessing.
+        seed (`int` or `Sequence[int]`, defaults to 0): Key(s) of the augmentation streams, e.g. `(run_seed, phase)`
+            (unused by an evaluation transform); image `i` in epoch `e` uses `torch_generator(*seed, e, i)`.
+        image_column, label_column (`str`, default `"image"`, `"label"`): Column names.
+
+    Raises:
+        ValueError: a column is missing (the message lists the columns), or an image cannot be decoded.
 
     Example:
 
     ```py
-    >>> train = apply_transforms(data.train, LPTImageTransform(224, train=True))
-    >>> loader = torch.utils.data.DataLoader(train, batch_size=64, shuffle=True, collate_fn=collate_fn)
+    >>> train = TransformedImageDataset(data.train, LPTImageTransform(224, train=True), seed=42)
+    >>> train.set_epoch(3)
+    >>> loader = torch.utils.data.DataLoader(train, batch_size=64, shuffle=True)
     >>> batch = next(iter(loader))
     >>> batch["pixel_values"].shape, batch["labels"].dtype
     (torch.Size([64, 3, 224, 224]), torch.int64)
     ```
     """
-    for column in (image_column, label_column):
-        if column not in dataset.column_names:
-            raise ValueError(
-                f"Column {column!r} not found; the dataset has columns {dataset.column_names}. "
-                "Pass `image_column=` / `label_column=`."
-            )
-    if isinstance(dataset.features[image_column], datasets.Image):
-        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
 
-    def _transform(batch: dict[str, list]) -> dict[str, torch.Tensor]:
-        pixel_values = [transform(decode_image(value)) for value in batch[image_column]]
-        return {
-            "pixel_values": torch.stack(pixel_values),
-            "labels": torch.as_tensor(np.asarray(batch[label_column], dtype=np.int64)),
-        }
+    def __init__(
+        self,
+        dataset: datasets.Dataset,
+        transform: Callable[..., torch.Tensor],
+        seed: int | Sequence[int] = 0,
+        image_column: str = "image",
+        label_column: str = "label",
+    ) -> None:
+        for column, name in ((image_column, "image_column"), (label_column, "label_column")):
+            if column not in dataset.column_names:
+                raise ValueError(
+                    f"Column {column!r} not found; the dataset has columns {dataset.column_names}. Pass `{name}=`."
+                )
+        if isinstance(dataset.features[image_column], datasets.Image):
+            dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+        self.dataset = dataset.select_columns([image_column, label_column])
+        self.transform = transform
+        self.seed = (int(seed),) if isinstance(seed, int) else tuple(int(k) for k in seed)
+        self.epoch = 0
+        self.image_column, self.label_column = image_column, label_column
 
-    return dataset.with_transform(_transform, columns=[image_column, label_column])
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation of epoch `epoch` (call it before each epoch, like a sampler's `set_epoch`)."""
+        self.epoch = epoch
 
+    def __len__(self) -> int:
+        return len(self.dataset)
 
-def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """
-    Stack rows produced by [`apply_transforms`] into a batch for `torch.utils.data.DataLoader`.
-
-    Example:
-
-    ```py
-    >>> batch = collate_fn([train[0], train[1]])
-    >>> batch["pixel_values"].shape
-    torch.Size([2, 3, 224, 224])
-    ```
-    """
-    if not examples:
-        raise ValueError("collate_fn received an empty list of examples.")
-    missing = {"pixel_values", "labels"} - set(examples[0])
-    if missing:
-        raise ValueError(
-            f"Examples lack {sorted(missing)}; wrap the dataset with `apply_transforms(dataset, transform)` first."
-        )
-    return {
-        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
-        "labels": torch.tensor([int(example["labels"]) for example in examples], dtype=torch.int64),
-    }
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        row = self.dataset[int(index)]
+        generator = None
+        if getattr(self.transform, "train", False):
+            generator = torch_generator(*self.seed, self.epoch, int(index))
+        image = decode_image(row[self.image_column])
+        pixel_values = self.transform(image, generator=generator) if generator is not None else self.transform(image)
+        return {"pixel_values": pixel_values, "labels": torch.tensor(int(row[self.label_column]), dtype=torch.long)}

@@ -11,33 +11,26 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
-DATASETS = ("fashion_mnist_lt", "places_lt", "imagenet_lt", "inat2018", "imagefolder", "cifar100_lt", "synthetic")
-_BUILT = ("synthetic", "fashion_mnist_lt", "cifar100_lt")  # long-tailed subsets built from a balanced set
-# Data options that only some data sets use; any other data set rejects them (when set to a non-default value)
-# rather than ignore them. Every other option is honoured by every data set.
-DATASET_OPTIONS = {
-    "data_root": ("fashion_mnist_lt", "cifar100_lt", "places_lt", "imagenet_lt", "inat2018"),
-    "split_dir": ("places_lt", "imagenet_lt"),
-    "train_json": ("inat2018",),
-    "val_json": ("inat2018",),
-    "train_dir": ("imagefolder",),
-    "val_dir": ("imagefolder",),
-    "test_dir": ("imagefolder",),
-    "n_max": _BUILT,
-    "imbalance": _BUILT,
-    "val_per_class": _BUILT,
-    "data_seed": _BUILT,
-    "num_classes": ("synthetic",),
-}
-_WHY_NOT = {
-    "imagefolder": "its splits, classes and counts come from the class folders",
-    "places_lt": "its splits and counts come from the split files",
-    "imagenet_lt": "its splits and counts come from the split files",
-    "inat2018": "its splits and counts come from the annotation files",
-    "fashion_mnist_lt": "it has 10 classes",
-    "cifar100_lt": "it has 100 classes",
-    "synthetic": "it is generated in memory",
-}
+# Data-set arguments: each is passed to the data-set builder that declares it (lpt_peft.data.registry) and refused,
+# when set to a non-default value, for a data set whose builder does not (a silently ignored option is a wrong run).
+DATASET_ARGUMENTS = (
+    "data_root", "split_dir", "train_json", "val_json", "train_dir", "val_dir", "test_dir",
+    "n_max", "imbalance", "val_per_class", "num_classes", "data_seed", "max_test_per_class", "verify_images",
+    "num_workers", "dataset_config_name", "image_column", "label_column", "train_split", "validation_split",
+    "test_split", "long_tail_profile",
+)  # fmt: skip
+# Run options a builder may also use (the synthetic set draws its images at the model's size): passed when the
+# builder declares them, never refused.
+SHARED_DATASET_ARGUMENTS = ("image_size",)
+
+
+def __getattr__(name: str):
+    # `DATASETS` was a closed tuple; the registered names now come from the registry (new ones included).
+    if name == "DATASETS":
+        from lpt_peft.data.registry import list_datasets
+
+        return tuple(list_datasets())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -58,7 +51,14 @@ class LPTTrainingArguments:
     """
 
     # ---- data
-    dataset: str = field(default="fashion_mnist_lt", metadata={"help": f"Data set: one of {', '.join(DATASETS)}."})
+    dataset: str = field(
+        default="fashion_mnist_lt",
+        metadata={
+            "help": "Data set: a registered name (synthetic, fashion_mnist_lt, cifar100_lt, places_lt, imagenet_lt, "
+            "inat2018, imagefolder, or one added with @register_dataset), a Hub id (owner/name) or a local folder "
+            "that datasets.load_dataset reads, or hfds/<id or path> (docs/datasets.md)."
+        },
+    )
     data_root: str | None = field(
         default=None, metadata={"help": "Image root (Places-LT, ImageNet-LT, iNaturalist) or data dir (CIFAR)."}
     )
@@ -93,6 +93,26 @@ class LPTTrainingArguments:
         default=False, metadata={"help": "Open every image once before training; skip and count unreadable ones."}
     )
     num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes per training process."})
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "Hub/local data sets: the configuration (load_dataset's `name`)."}
+    )
+    image_column: str = field(default="image", metadata={"help": "Hub/local data sets: the image column."})
+    label_column: str = field(
+        default="label", metadata={"help": "Hub/local data sets: the label column (ClassLabel or integers)."}
+    )
+    train_split: str = field(default="train", metadata={"help": "Hub/local data sets: the training split."})
+    validation_split: str = field(
+        default="validation", metadata={"help": "Hub/local data sets: the validation split (used when present)."}
+    )
+    test_split: str = field(default="test", metadata={"help": "Hub/local data sets: the test split."})
+    long_tail_profile: str = field(
+        default="none",
+        metadata={
+            "help": "Hub/local data sets: 'none' keeps the training split as it is, 'exponential' subsamples it "
+            "with --n_max, --imbalance and --data_seed (and --val_per_class when the data set has no validation "
+            "split)."
+        },
+    )
 
     # ---- backbone and adapter
     model_name_or_path: str = field(
@@ -198,8 +218,6 @@ class LPTTrainingArguments:
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id for --push_to_hub."})
 
     def __post_init__(self) -> None:
-        if self.dataset not in DATASETS:
-            raise ValueError(f"--dataset {self.dataset!r} is not known; choose one of {', '.join(DATASETS)}.")
         self._check_dataset_options()
         self.phase = str(self.phase)
         if self.phase not in ("both", "1", "2"):
@@ -268,16 +286,10 @@ class LPTTrainingArguments:
         return "dual" if self.dual_sampling else "class_balanced"
 
     def _check_dataset_options(self) -> None:
-        """Refuse a data option the chosen data set would ignore (a silently ignored option is a wrong run)."""
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        for name, users in DATASET_OPTIONS.items():
-            value = getattr(self, name)
-            if self.dataset in users or value is None or value == defaults[name]:
-                continue
-            raise ValueError(
-                f"--{name} {value} does not apply to --dataset {self.dataset} ({_WHY_NOT[self.dataset]}); only "
-                f"{', '.join(users)} use it. Remove --{name} (from the command line or the --config file)."
-            )
+        """Refuse an unknown data set, or a data option the chosen data set would ignore (see the data registry)."""
+        from lpt_peft.data.registry import check_dataset_arguments
+
+        check_dataset_arguments(self)
 
     @property
     def phases(self) -> tuple[int, ...]:

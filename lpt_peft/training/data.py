@@ -16,12 +16,12 @@ from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from lpt_peft.data.long_tail import LongTailDataset
-from lpt_peft.data.transforms import LPTImageTransform, decode_image
+from lpt_peft.data.transforms import LPTImageTransform, TransformedImageDataset, decode_image
 from lpt_peft.training.arguments import LPTTrainingArguments
-from lpt_peft.training.seeding import STREAM_AUGMENT, STREAM_LOADER, seeded_generator
+from lpt_peft.data.seeding import STREAM_LOADER, torch_generator
 
 __all__ = [
-    "TransformedImageDataset",
+    "TransformedImageDataset",  # lives in lpt_peft.data.transforms; re-exported for the training API
     "build_dataset",
     "check_dataset",
     "check_images_before_training",
@@ -29,54 +29,6 @@ __all__ = [
     "make_eval_loader",
     "make_train_loader",
 ]
-
-
-class TransformedImageDataset(Dataset):
-    """A `datasets.Dataset` with `image`/`label` columns seen through an [`LPTImageTransform`].
-
-    Random augmentation of image `index` in epoch `epoch` is drawn from `seeded_generator(*seed, STREAM_AUGMENT,
-    epoch, index)` (see `lpt_peft.training.seeding`), so the images of a step do not depend on worker count or on when
-    a DataLoader iterator was created: a resumed run sees exactly the same crops.
-
-    Args:
-        dataset (`datasets.Dataset`): Rows with an `image` (any form `decode_image` reads) and an integer `label`.
-        transform ([`LPTImageTransform`]): Training (random) or evaluation transform.
-        seed (`int` or `Sequence[int]`, defaults to 0): Key(s) prefixed to every augmentation stream, e.g.
-            `(run_seed, phase)`.
-
-    Example:
-
-    ```python
-    >>> train = TransformedImageDataset(data.train, LPTImageTransform(224, train=True), seed=(42, 1))
-    >>> train.set_epoch(3)
-    >>> train[0]["pixel_values"].shape
-    torch.Size([3, 224, 224])
-    ```
-    """
-
-    def __init__(self, dataset, transform: LPTImageTransform, seed: int | Sequence[int] = 0) -> None:
-        import datasets
-
-        if isinstance(dataset.features.get("image"), datasets.Image):
-            dataset = dataset.cast_column("image", datasets.Image(decode=False))
-        self.dataset = dataset
-        self.transform = transform
-        self.seed = (int(seed),) if isinstance(seed, int) else tuple(int(s) for s in seed)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        row = self.dataset[int(index)]
-        generator = None
-        if self.transform.train:
-            generator = seeded_generator(*self.seed, STREAM_AUGMENT, self.epoch, int(index))
-        pixel_values = self.transform(decode_image(row["image"]), generator=generator)
-        return {"pixel_values": pixel_values, "labels": torch.tensor(int(row["label"]), dtype=torch.long)}
 
 
 def dataset_labels(dataset) -> np.ndarray:
@@ -127,7 +79,7 @@ def make_train_loader(
         persistent_workers=False,
         # Its own generator: creating an iterator must not draw from the global RNG, or a resumed run (which
         # creates its iterator mid-epoch) would see different dropout and loss noise than an uninterrupted one.
-        generator=seeded_generator(args.seed, STREAM_LOADER),
+        generator=torch_generator(args.seed, STREAM_LOADER),
     )
 
 
@@ -142,7 +94,7 @@ def make_eval_loader(dataset, args: LPTTrainingArguments, accelerator: Accelerat
         shuffle=False,
         num_workers=args.num_workers,
         collate_fn=default_collate,
-        generator=seeded_generator(0, STREAM_LOADER),
+        generator=torch_generator(0, STREAM_LOADER),
     )
     # Sharded like accelerator.prepare would, but not registered with it: evaluation loaders carry no training state,
     # and keeping them out of save_state makes a checkpoint independent of which loaders exist when it is resumed.
@@ -169,71 +121,7 @@ def check_images_before_training(data: LongTailDataset, args: LPTTrainingArgumen
 
 
 def build_dataset(args: LPTTrainingArguments) -> LongTailDataset:
-    """The long-tailed data set named by `args.dataset`, with a clear error when its files are missing."""
-    from lpt_peft import data as lt
+    """The long-tailed data set named by `args.dataset`, built through the data-set registry (`lpt_peft.data`)."""
+    from lpt_peft.data.registry import dataset_from_args
 
-    def need(*names: str) -> None:
-        missing = [f"--{n}" for n in names if not getattr(args, n)]
-        if missing:
-            raise ValueError(f"--dataset {args.dataset} needs {', '.join(missing)} (see docs/datasets.md).")
-
-    if args.dataset == "synthetic":
-        from lpt_peft.data.synthetic import make_synthetic_long_tail
-
-        data = make_synthetic_long_tail(
-            num_classes=args.num_classes,
-            n_max=args.n_max,
-            imbalance=args.imbalance,
-            image_size=args.image_size,
-            val_per_class=args.val_per_class,
-            seed=args.data_seed,
-        )
-    elif args.dataset == "fashion_mnist_lt":
-        data = lt.load_fashion_mnist_lt(
-            n_max=args.n_max,
-            imbalance=args.imbalance,
-            seed=args.data_seed,
-            val_per_class=args.val_per_class,
-            data_dir=args.data_root,
-        )
-    elif args.dataset == "cifar100_lt":
-        data = lt.load_cifar100_lt(
-            imbalance=args.imbalance,
-            seed=args.data_seed,
-            data_dir=args.data_root,
-            val_per_class=args.val_per_class,
-            n_max=args.n_max,
-        )
-    elif args.dataset in ("places_lt", "imagenet_lt"):
-        need("data_root", "split_dir")
-        loader = lt.load_places_lt if args.dataset == "places_lt" else lt.load_imagenet_lt
-        data = loader(
-            args.data_root, args.split_dir, verify_images=args.verify_images, num_workers=max(1, args.num_workers)
-        )
-    elif args.dataset == "inat2018":
-        need("data_root")
-        kwargs = {k: getattr(args, k) for k in ("train_json", "val_json") if getattr(args, k)}
-        data = lt.load_inaturalist2018(
-            args.data_root, verify_images=args.verify_images, num_workers=max(1, args.num_workers), **kwargs
-        )
-    else:
-        need("train_dir")
-        data = lt.load_imagefolder_lt(
-            args.train_dir,
-            test_dir=args.test_dir,
-            val_dir=args.val_dir,
-            verify_images=args.verify_images,
-            num_workers=max(1, args.num_workers),
-            flag_prefix="--",
-        )
-    if args.verify_images and not data.skipped_images:  # built in memory: verify here, like the file loaders do
-        data = lt.drop_unreadable_images(data, num_workers=max(1, args.num_workers))
-    if args.max_test_per_class:
-        data.test = _cap_per_class(data.test, args.max_test_per_class)
-    return data
-
-
-def _cap_per_class(dataset, cap: int):
-    labels = dataset_labels(dataset)
-    keep = np.concatenate([np.flatnonzero(labels == c)[:cap] for c in np.unique(labels)])
-    return dataset.select(np.sort(keep))
+    return dataset_from_args(args)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from lpt_peft.data.long_tail import LongTailDataset
+from lpt_peft.data.seeding import STREAM_AUGMENT
 from lpt_peft.data.transforms import LPTImageTransform
 from lpt_peft.evaluation.metrics import ShotAccuracyAccumulator, group_usage_counts
 from lpt_peft.training.arguments import LPTTrainingArguments
@@ -208,7 +209,7 @@ def _prepare_phase(model, phase, data, args, accelerator, objective, sampler, nu
         std=args.std,
         scale=(args.crop_scale_min, 1.0),
     )
-    train_set = TransformedImageDataset(data.train, train_transform, seed=(args.seed, phase))
+    train_set = TransformedImageDataset(data.train, train_transform, seed=(args.seed, phase, STREAM_AUGMENT))
     loader = make_train_loader(train_set, sampler, args, accelerator)
     steps_per_epoch = len(sampler)
     if args.max_steps_per_epoch:

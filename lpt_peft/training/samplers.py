@@ -5,7 +5,7 @@ own (every rank builds the same global draw from `(seed, epoch, step)` and keeps
 **not** be passed through `accelerator.prepare`, which would shard the batches a second time; move the batches to the
 device in the training loop instead. All randomness comes from local `torch.Generator`s, never the global RNG, so the
 batches depend only on `(seed, epoch, rank, num_replicas)` and a resumed run can replay an epoch from any step with
-:meth:`skip_batches`. The generators follow the one seeding scheme of `lpt_peft.training.seeding`.
+:meth:`skip_batches`. The generators follow the one seeding scheme of `lpt_peft.data.seeding`.
 
 Samplers are looked up by name in `SAMPLERS`; `@register_sampler("name")` on a new class (or factory function) makes it
 available to `--sampler name` (see docs/extending.md). Every sampler has `split_sizes`: the sizes of the consecutive
@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from lpt_peft.training.seeding import STREAM_CLASSES, STREAM_IMAGES, STREAM_INSTANCES, seeded_generator
+from lpt_peft.data.seeding import STREAM_CLASSES, STREAM_IMAGES, STREAM_INSTANCES, torch_generator
 
 __all__ = [
     "SAMPLERS",
@@ -233,7 +233,7 @@ class InstanceBalancedBatchSampler(_ShardedBatchSampler):
     """
     Instance-balanced (uniform over images) batches, sharded across data-parallel ranks.
 
-    Each epoch uses one random permutation of `range(num_samples)` drawn from `seeded_generator(seed,
+    Each epoch uses one random permutation of `range(num_samples)` drawn from `torch_generator(seed,
     STREAM_INSTANCES, epoch)`.
     Step `s` takes the slice `[s * R * B, (s + 1) * R * B)` of the permutation (`R` ranks, batch size `B`) and rank `r`
     keeps its `r`-th block of `B` indices, so the global batch equals the single-process batch of size `R * B` and the
@@ -299,7 +299,7 @@ class InstanceBalancedBatchSampler(_ShardedBatchSampler):
 
     def permutation(self, epoch: int) -> torch.Tensor:
         """The epoch's global order (before padding/truncation), identical on every rank."""
-        return torch.randperm(self.num_samples, generator=seeded_generator(self.seed, STREAM_INSTANCES, epoch))
+        return torch.randperm(self.num_samples, generator=torch_generator(self.seed, STREAM_INSTANCES, epoch))
 
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[list[int]]:
         return self._iter(epoch, self._check_start(start_batch))
@@ -406,14 +406,14 @@ class ClassBalancedBatchSampler(_ShardedBatchSampler):
 
     def global_classes(self, epoch: int, step: int) -> torch.Tensor:
         """The `num_replicas * classes_per_batch` classes of a step, identical on every rank; rank r takes block r."""
-        generator = seeded_generator(self.seed, STREAM_CLASSES, epoch, step)
+        generator = torch_generator(self.seed, STREAM_CLASSES, epoch, step)
         num_needed = self.classes_per_batch * self.num_replicas
         choice = torch.randperm(self.present_classes.numel(), generator=generator)[:num_needed]
         return self.present_classes[choice]
 
     def _class_images(self, cls: int, epoch: int, step: int, slot: int) -> list[int]:
         count = int(self.class_counts[cls])
-        generator = seeded_generator(self.seed, STREAM_IMAGES, epoch, step, slot)
+        generator = torch_generator(self.seed, STREAM_IMAGES, epoch, step, slot)
         if count >= self.samples_per_class:
             picks = torch.randperm(count, generator=generator)[: self.samples_per_class]
         else:
