@@ -426,88 +426,40 @@ class LPTModel(BaseTuner):
         return_dict: bool | None = None,
         **kwargs: Any,
     ):
-        model = self.model
         adapter = self._active_lpt_adapter() if self._lpt_enabled else None
         if adapter is None:
-            base_kwargs = dict(kwargs)
-            for key, value in (
-                ("labels", labels),
-                ("attention_mask", attention_mask),
-                ("output_hidden_states", output_hidden_states),
-                ("return_dict", return_dict),
-            ):
-                if value is not None:
-                    base_kwargs[key] = value
-            return type(model).forward(model, pixel_values, **base_kwargs)
-
+            return self._base_forward(pixel_values, labels, attention_mask, output_hidden_states, return_dict, kwargs)
         if pixel_values is None:
             raise ValueError("LPT needs `pixel_values` of shape (batch, channels, height, width).")
         if kwargs.pop("output_attentions", False):
             raise NotImplementedError("output_attentions is not supported by LPT models; use a forward hook instead.")
         config: LPTConfig = self.peft_config[adapter]
-        architecture = get_architecture(model)
-        encoder = architecture.encoder(model)
-        layers = architecture.layers(model)
+        architecture = get_architecture(self.model)
+        encoder = architecture.encoder(self.model)
+        layers = architecture.layers(self.model)
         final_norm = getattr(encoder, architecture.final_norm_attr)
         embed_kwargs = {k: kwargs.pop(k) for k in ("interpolate_pos_encoding", "bool_masked_pos") if k in kwargs}
-
         hidden = architecture.embed(encoder, pixel_values, **embed_kwargs)
-        mask = architecture.make_mask(encoder, hidden, attention_mask)
-        states = [hidden] if output_hidden_states else None
-        # Only the class token's final state is used, so the last layer of each pass runs for that row alone (keys
-        # and values still come from every token): exact, and about 1/12 of the work of a ViT-B pass saved.
-        cls_only = architecture.cls_only_last_layer and not output_hidden_states
-        cls = architecture.cls_index
-        feature_index = 0 if cls_only else cls
-
-        def call(layer, hidden, layer_mask, **layer_kwargs):
-            # LPT's per-call inputs travel as keyword arguments through the layer to its attention; the attention
-            # checks that they arrived.
-            attention = layer.get_submodule(architecture.attention_attr)
-            attention._lpt_expected = {k for k in ("lpt_context", "lpt_group_indices") if k in layer_kwargs}
-            try:
-                if _is_checkpointing(layer):
-                    return _checkpointed_layer_call(layer, hidden, layer_mask, layer_kwargs)
-                return layer(hidden, layer_mask, **layer_kwargs)
-            finally:
-                attention._lpt_expected = None
-
-        def run(stack, hidden, last_of_pass=True, record=True, **layer_kwargs):
-            if not hidden.requires_grad and _checkpointing_trainable(stack):
-                # Reentrant checkpointing gives a layer's output a gradient path only if one of its inputs needs
-                # gradient; the frozen embeddings (and, in phase 2, the frozen first layers) give none, which would
-                # leave every prompt inside the checkpointed layers without gradient. Anchor the input, as peft's
-                # `enable_input_require_grads` does, so this holds without the user having to call it (and without
-                # backpropagating through phase 2's frozen first layers, which hold nothing to train).
-                hidden = hidden.detach().requires_grad_()
-            for i, layer in enumerate(stack):
-                if cls_only and last_of_pass and i == len(stack) - 1:
-                    row = hidden[:, cls : cls + 1]
-                    return call(layer, row, _query_rows(mask, cls), lpt_context=hidden, **layer_kwargs)
-                hidden = call(layer, hidden, mask, **layer_kwargs)
-                if states is not None and record:
-                    states.append(hidden)
-            return hidden
+        passes = _LayerPasses(architecture, architecture.make_mask(encoder, hidden, attention_mask), hidden,
+                              output_hidden_states)  # fmt: skip
 
         query = similarity = group_indices = match_score = None
         if config.phase == 1:
-            hidden = run(layers, hidden, **kwargs)
+            hidden = passes.run(layers, hidden, **kwargs)
         else:
             num_first = config.shared_layers
-            hidden = run(layers[:num_first], hidden, last_of_pass=False, **kwargs)
+            hidden = passes.run(layers[:num_first], hidden, last_of_pass=False, **kwargs)
             with torch.no_grad():
-                query_hidden = run(layers[num_first:], hidden, record=False, **kwargs)
-                query = final_norm(query_hidden)[:, feature_index]
-            keys = self.lpt_keys[adapter]
-            similarity = cosine_logits(query, keys.T)
+                query_hidden = passes.run(layers[num_first:], hidden, record=False, **kwargs)
+                query = final_norm(query_hidden)[:, passes.feature_index]
+            similarity = cosine_logits(query, self.lpt_keys[adapter].T)
             group_indices = similarity.detach().topk(config.top_k, dim=-1).indices
             match_score = similarity.gather(1, group_indices).sum(dim=1).mean()
-            hidden = run(layers[num_first:], hidden, lpt_group_indices=group_indices, **kwargs)
+            hidden = passes.run(layers[num_first:], hidden, lpt_group_indices=group_indices, **kwargs)
 
-        features = final_norm(hidden)[:, feature_index]
+        features = final_norm(hidden)[:, passes.feature_index]
         dropped = F.dropout(features, p=config.classifier_dropout, training=self.training)
         logits = cosine_logits(dropped, self.lpt_head[adapter])
-
         loss = None
         if labels is not None:
             check_labels(labels, config.num_labels)
@@ -520,9 +472,60 @@ class LPTModel(BaseTuner):
             key_similarity=similarity,
             group_indices=group_indices,
             match_score=match_score,
-            hidden_states=tuple(states) if states is not None else None,
+            hidden_states=tuple(passes.states) if passes.states is not None else None,
         )
         return output if return_dict is not False else output.to_tuple()
+
+    def _base_forward(self, pixel_values, labels, attention_mask, output_hidden_states, return_dict, kwargs):
+        """The backbone's own forward (adapters disabled or none active), with only the arguments that were given."""
+        given = {"labels": labels, "attention_mask": attention_mask}
+        given.update(output_hidden_states=output_hidden_states, return_dict=return_dict)
+        base_kwargs = {**kwargs, **{key: value for key, value in given.items() if value is not None}}
+        return type(self.model).forward(self.model, pixel_values, **base_kwargs)
+
+
+class _LayerPasses:
+    """Runs stacks of transformer layers for one LPT forward: records hidden states if asked, and computes the last
+    layer of each pass for the class token only (keys and values still come from every token) when the states are
+    not wanted: exact, and about 1/12 of the work of a ViT-B pass saved."""
+
+    def __init__(self, architecture: LPTArchitecture, mask, embeddings: torch.Tensor, output_hidden_states) -> None:
+        self.architecture = architecture
+        self.mask = mask
+        self.states = [embeddings] if output_hidden_states else None
+        self.cls_only = architecture.cls_only_last_layer and not output_hidden_states
+        self.cls = architecture.cls_index
+        self.feature_index = 0 if self.cls_only else self.cls
+
+    def call(self, layer: nn.Module, hidden: torch.Tensor, layer_mask, **layer_kwargs) -> torch.Tensor:
+        # LPT's per-call inputs travel as keyword arguments through the layer to its attention; the attention checks
+        # that they arrived.
+        attention = layer.get_submodule(self.architecture.attention_attr)
+        attention._lpt_expected = {k for k in ("lpt_context", "lpt_group_indices") if k in layer_kwargs}
+        try:
+            if _is_checkpointing(layer):
+                return _checkpointed_layer_call(layer, hidden, layer_mask, layer_kwargs)
+            return layer(hidden, layer_mask, **layer_kwargs)
+        finally:
+            attention._lpt_expected = None
+
+    def run(self, stack, hidden: torch.Tensor, last_of_pass: bool = True, record: bool = True, **layer_kwargs):
+        if not hidden.requires_grad and _checkpointing_trainable(stack):
+            # Reentrant checkpointing gives a layer's output a gradient path only if one of its inputs needs gradient;
+            # the frozen embeddings (and, in phase 2, the frozen first layers) give none, which would leave every
+            # prompt inside the checkpointed layers without gradient. Anchor the input, as peft's
+            # `enable_input_require_grads` does, so this holds without the user having to call it (and without
+            # backpropagating through phase 2's frozen first layers, which hold nothing to train).
+            hidden = hidden.detach().requires_grad_()
+        cls = self.cls
+        for i, layer in enumerate(stack):
+            if self.cls_only and last_of_pass and i == len(stack) - 1:
+                row = hidden[:, cls : cls + 1]
+                return self.call(layer, row, _query_rows(self.mask, cls), lpt_context=hidden, **layer_kwargs)
+            hidden = self.call(layer, hidden, self.mask, **layer_kwargs)
+            if self.states is not None and record:
+                self.states.append(hidden)
+        return hidden
 
 
 def _is_checkpointing(layer: nn.Module) -> bool:
