@@ -102,18 +102,8 @@ def plot_per_class_accuracy(
     ```
     """
     counts = _as_float_array(train_class_counts, "train_class_counts")
-    series = {label: _as_float_array(per_class_accuracy, "per_class_accuracy")}
-    for name, values in (compare or {}).items():
-        if name in series:
-            raise ValueError(f"compare uses the name {name!r} twice (or also as `label`); names must be unique.")
-        series[name] = _as_float_array(values, f"compare[{name!r}]")
+    series = _accuracy_series(per_class_accuracy, label, compare, len(counts))
     num_classes = len(counts)
-    for name, values in series.items():
-        if len(values) != num_classes:
-            raise ValueError(
-                f"Accuracies of {name!r} have {len(values)} entries but train_class_counts has {num_classes}; "
-                "pass one value per class, in class-index order."
-            )
     if class_names is not None and len(class_names) != num_classes:
         raise ValueError(f"class_names has {len(class_names)} entries but there are {num_classes} classes.")
 
@@ -131,7 +121,45 @@ def plot_per_class_accuracy(
     # Accuracy curves must sit on top of the count bars.
     ax.set_zorder(ax_counts.get_zorder() + 1)
     ax.patch.set_visible(False)
+    _draw_accuracy_curves(ax, x, series, order)
+    _mark_shot_groups(ax, sorted_counts, many_threshold, few_threshold)
 
+    finite = np.concatenate([v[np.isfinite(v)] for v in series.values()])
+    top = 100.0 if finite.size == 0 or finite.max() > 1.0 else 1.0  # percent or fraction
+    ax.set_ylim(-0.02 * top, 1.02 * top)
+    ax.set_xlim(-0.5, num_classes - 0.5)
+    ax.set_ylabel("accuracy (%)" if top == 100.0 else "accuracy")
+    if class_names is not None and num_classes <= _MAX_NAMED_TICKS:
+        ax.set_xticks(x)
+        ax.set_xticklabels([str(class_names[i]) for i in order], rotation=90, fontsize=7)
+        ax.set_xlabel("class (sorted by training images, most to fewest)")
+    else:
+        ax.set_xlabel(f"class rank by training images (0 = most; {num_classes} classes)")
+    ax.legend(loc="lower left", fontsize=8, framealpha=0.9)
+    if title:
+        fig.suptitle(title)
+    return _save_png(fig, path)
+
+
+def _accuracy_series(per_class_accuracy, label: str, compare, num_classes: int) -> dict[str, np.ndarray]:
+    """Method name -> per-class accuracies, checked: unique names, one value per class."""
+    series = {label: _as_float_array(per_class_accuracy, "per_class_accuracy")}
+    for name, values in (compare or {}).items():
+        if name in series:
+            raise ValueError(f"compare uses the name {name!r} twice (or also as `label`); names must be unique.")
+        series[name] = _as_float_array(values, f"compare[{name!r}]")
+    for name, values in series.items():
+        if len(values) != num_classes:
+            raise ValueError(
+                f"Accuracies of {name!r} have {len(values)} entries but train_class_counts has {num_classes}; "
+                "pass one value per class, in class-index order."
+            )
+    return series
+
+
+def _draw_accuracy_curves(ax, x: np.ndarray, series: Mapping[str, np.ndarray], order: np.ndarray) -> None:
+    """Faint per-class points plus a moving average (about 1/25 of the classes) for each method."""
+    num_classes = len(x)
     window = max(1, num_classes // 25)
     colors = [f"C{i}" for i in range(10)]
     for i, (name, values) in enumerate(series.items()):
@@ -150,7 +178,11 @@ def plot_per_class_accuracy(
         suffix = f" (moving avg, {window} classes)" if window > 1 else ""
         ax.plot(x, smooth, color=color, linewidth=1.8, label=f"{name}{suffix}")
 
-    # Boundaries sit between the last class of one group and the first of the next (standard grouping).
+
+def _mark_shot_groups(ax, sorted_counts: np.ndarray, many_threshold: int, few_threshold: int) -> None:
+    """Dashed lines between the shot groups (standard grouping) and the group names above them."""
+    num_classes = len(sorted_counts)
+    # Boundaries sit between the last class of one group and the first of the next.
     boundaries = [
         (int((sorted_counts > many_threshold).sum()), f"n = {many_threshold}"),
         (int((sorted_counts >= few_threshold).sum()), f"n = {few_threshold}"),
@@ -171,22 +203,6 @@ def plot_per_class_accuracy(
                 fontsize=9,
                 fontweight="bold",
             )
-
-    finite = np.concatenate([v[np.isfinite(v)] for v in series.values()])
-    top = 100.0 if finite.size == 0 or finite.max() > 1.0 else 1.0  # percent or fraction
-    ax.set_ylim(-0.02 * top, 1.02 * top)
-    ax.set_xlim(-0.5, num_classes - 0.5)
-    ax.set_ylabel("accuracy (%)" if top == 100.0 else "accuracy")
-    if class_names is not None and num_classes <= _MAX_NAMED_TICKS:
-        ax.set_xticks(x)
-        ax.set_xticklabels([str(class_names[i]) for i in order], rotation=90, fontsize=7)
-        ax.set_xlabel("class (sorted by training images, most to fewest)")
-    else:
-        ax.set_xlabel(f"class rank by training images (0 = most; {num_classes} classes)")
-    ax.legend(loc="lower left", fontsize=8, framealpha=0.9)
-    if title:
-        fig.suptitle(title)
-    return _save_png(fig, path)
 
 
 def plot_group_usage(
