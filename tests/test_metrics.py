@@ -224,7 +224,7 @@ def test_accumulator_errors():
         acc.merge(ShotAccuracyAccumulator(4))
     with pytest.raises(TypeError, match="ShotAccuracyAccumulator"):
         acc.merge({"correct": 1})
-    with pytest.raises(ValueError, match="positive int"):
+    with pytest.raises(ValueError, match="must be an integer >= 1"):
         ShotAccuracyAccumulator(0)
 
 
@@ -320,7 +320,7 @@ def test_group_usage_counts():
     assert group_usage_counts(np.array([4, 4, 1]), 5).tolist() == [0, 1, 0, 0, 2]
     with pytest.raises(ValueError, match=r"contains 5, outside \[0, 5\)"):
         group_usage_counts([[0, 5]], 5)
-    with pytest.raises(ValueError, match="positive int"):
+    with pytest.raises(ValueError, match="must be an integer >= 1"):
         group_usage_counts([[0, 1]], 0)
 
 

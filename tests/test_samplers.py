@@ -298,8 +298,8 @@ def test_defaults_come_from_torch_distributed(tmp_path):
 
 
 def test_one_seeding_scheme_is_seedsequence_seeded_torch_generators():
-    from lpt_peft.training.samplers import create_sampler
     from lpt_peft.data.seeding import torch_generator as seeded_generator
+    from lpt_peft.training.samplers import create_sampler
 
     draw = torch.randint(0, 1000, (8,), generator=seeded_generator(42, 3, 1, 7))
     seed = int(np.random.SeedSequence([42, 3, 1, 7]).generate_state(1, np.uint64)[0]) >> 1  # 63 bits

@@ -13,6 +13,8 @@ import numpy as np
 import pyarrow as pa
 from datasets.table import InMemoryTable
 
+from lpt_peft.checks import check_int
+
 
 @dataclass
 class LongTailDataset:
@@ -113,10 +115,8 @@ def long_tail_counts(num_classes: int, n_max: int, imbalance: float) -> list[int
     [500, 299, 179, 107, 64, 38, 23, 13, 8, 5]
     ```
     """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"`num_classes` must be a positive integer, got {num_classes!r}.")
-    if isinstance(n_max, bool) or not isinstance(n_max, int) or n_max < 1:
-        raise ValueError(f"`n_max` must be a positive integer, got {n_max!r}.")
+    check_int(num_classes, "`num_classes`")
+    check_int(n_max, "`n_max`")
     if not isinstance(imbalance, (int, float)) or not math.isfinite(imbalance) or imbalance < 1:
         raise ValueError(
             f"`imbalance` is n_max / n_min and must be a finite number >= 1, got {imbalance!r} "
@@ -223,8 +223,7 @@ def make_long_tailed(
     (1236, 200)
     ```
     """
-    if isinstance(val_per_class, bool) or not isinstance(val_per_class, int) or val_per_class < 0:
-        raise ValueError(f"`val_per_class` must be a non-negative integer, got {val_per_class!r}.")
+    check_int(val_per_class, "`val_per_class`", minimum=0)
     labels = labels_as_numpy(dataset, label_column)
     num_classes = infer_num_classes(dataset, label_column)
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):

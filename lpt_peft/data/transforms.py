@@ -14,6 +14,7 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 
+from lpt_peft.checks import check_int
 from lpt_peft.data.seeding import torch_generator
 
 _RESAMPLING = {
@@ -111,8 +112,7 @@ class LPTImageTransform:
         interpolation: str = "bilinear",
         seed: int | None = None,
     ):
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-            raise ValueError(f"`image_size` must be a positive integer, got {image_size!r}.")
+        check_int(image_size, "`image_size`")
         if resize_size is None:
             resize_size = round(image_size * 256 / 224)
         if isinstance(resize_size, bool) or not isinstance(resize_size, int) or resize_size < image_size:

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lpt_peft.checks import check_int
+
 SHOT_GROUPINGS = ("standard", "author")
 GROUP_NAMES = ("many", "medium", "few")
 METRIC_SCRIPT_DIR = Path(__file__).resolve().parent / "metric_scripts" / "shot_accuracy"
@@ -252,9 +254,7 @@ class ShotAccuracyAccumulator:
     """
 
     def __init__(self, num_classes: int):
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"`num_classes` must be a positive int, got {num_classes!r}.")
-        self.num_classes = num_classes
+        self.num_classes = check_int(num_classes, "`num_classes`")
         self.reset()
 
     def reset(self) -> None:
@@ -459,8 +459,7 @@ def group_usage_counts(group_indices: torch.Tensor | np.ndarray | Sequence, num_
     tensor([1, 0, 2, 1, 0])
     ```
     """
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
-        raise ValueError(f"`num_groups` must be a positive int, got {num_groups!r}.")
+    check_int(num_groups, "`num_groups`")
     indices = _as_int_array(group_indices, "group_indices", allow_2d=True).reshape(-1)
     if indices.size and (indices.min() < 0 or indices.max() >= num_groups):
         bad = int(indices.min()) if indices.min() < 0 else int(indices.max())

@@ -7,18 +7,15 @@ stacked tensors).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
-import torch
 from accelerate import Accelerator
 from accelerate.data_loader import prepare_data_loader
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, default_collate
 
 from lpt_peft.data.long_tail import LongTailDataset
-from lpt_peft.data.transforms import LPTImageTransform, TransformedImageDataset, decode_image
-from lpt_peft.training.arguments import LPTTrainingArguments
 from lpt_peft.data.seeding import STREAM_LOADER, torch_generator
+from lpt_peft.data.transforms import LPTImageTransform, TransformedImageDataset
+from lpt_peft.training.arguments import LPTTrainingArguments
 
 __all__ = [
     "TransformedImageDataset",  # lives in lpt_peft.data.transforms; re-exported for the training API

@@ -8,6 +8,8 @@ from typing import Any
 
 from peft import PeftConfig
 
+from lpt_peft.checks import check_int
+
 
 class LPTPeftType(str, enum.Enum):
     """PEFT type of LPT.
@@ -29,8 +31,7 @@ LptPeftType = LPTPeftType
 
 
 def _check_positive_int(name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"LPTConfig.{name} must be an integer >= {minimum}, got {value!r}.")
+    check_int(value, f"LPTConfig.{name}", minimum)
 
 
 @dataclass
