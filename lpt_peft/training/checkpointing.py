@@ -367,26 +367,29 @@ def _earlier_run(output_dir: Path, phases: Sequence[int]) -> list[Path]:
 
 def check_output_dir(output_dir: Path, phases: Sequence[int], overwrite: bool, accelerator: Accelerator) -> None:
     """A fresh run refuses an output folder holding adapters or checkpoints of the phases it trains (a phase-2 run
-    next to its phase-1 adapter is fine); with `overwrite`, the main process removes them and the result tables.
+    next to its phase-1 adapter is fine); with `overwrite`, the main process removes them (and, for a run that
+    trains phase 1, the result tables).
 
     Raises:
         ValueError: naming the folder, what it holds, `--resume_from_checkpoint latest` and `--overwrite_output_dir`.
     """
     found = _earlier_run(Path(output_dir), phases)
-    if not found:
-        return
-    if not overwrite:
+    if found and not overwrite:
         names = ", ".join(str(p.relative_to(output_dir)) for p in found[:4]) + (" ..." if len(found) > 4 else "")
         raise ValueError(
             f"--output_dir {str(output_dir)!r} already holds an earlier run ({names}). To continue that run pass "
             "`--resume_from_checkpoint latest`; to replace it pass `--overwrite_output_dir true` (its checkpoints, "
             "adapters and results are removed at the start); or choose another --output_dir. Nothing was written."
         )
+    if not overwrite:
+        return
+    # Every process waits here (whatever it found: the main process may already have removed the files).
     if accelerator.is_main_process:
         for path in found:
             shutil.rmtree(path, ignore_errors=True)
-        for name in _RESULT_FILES:
-            (Path(output_dir) / name).unlink(missing_ok=True)
+        if found and 1 in phases:  # a phase-2 run keeps the phase-1 rows; its own rows replace the old ones by name
+            for name in _RESULT_FILES:
+                (Path(output_dir) / name).unlink(missing_ok=True)
         pointer = Path(output_dir) / CHECKPOINT_DIR / LATEST_FILE
         pointer.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
