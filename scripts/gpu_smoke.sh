@@ -33,21 +33,36 @@ echo "gpu_smoke: [1/2] tests"
 "$PYTHON" -m pytest -q -p no:cacheprovider -m "not slow" \
     tests/test_inference.py tests/test_lpt_model.py tests/test_losses.py tests/test_resume.py tests/test_options.py
 
-# 2. A short mixed-precision training run on one GPU (both phases, a checkpoint, a resume) and a reload of its
-#    adapter on the GPU.
-echo "gpu_smoke: [2/2] $PRECISION training run on the GPU"
+# 2. A short mixed-precision training run on one GPU, killed hard mid-phase 1 (tests/fault_injection.py, loaded by the
+#    run through $LPT_TRAINING_CALLBACKS) after a step checkpoint, resumed, and compared with an uninterrupted run:
+#    both phases' adapters must be identical. Then a reload of the adapter on the GPU.
+echo "gpu_smoke: [2/2] $PRECISION training run on the GPU: uninterrupted, and killed + resumed"
+# cuBLAS picks its algorithms per call unless told to be deterministic; the two runs must compute the same.
+export CUBLAS_WORKSPACE_CONFIG=:4096:8
+LAUNCH=("$PYTHON" -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision "$PRECISION"
+        --dynamo_backend no)
 RUN=(
     examples/train_lpt.py --dataset synthetic --model_name_or_path tiny-random --image_size 32 --num_classes 6
     --n_max 40 --imbalance 10 --val_per_class 4 --batch_size 8 --num_groups 4 --shared_layers 2 --num_workers 0
     --report_to none --epochs_phase1 2 --epochs_phase2 1 --max_steps_per_epoch 4 --checkpointing_steps 2
-    --mixed_precision "$PRECISION" --output_dir "$OUT/run"
+    --mixed_precision "$PRECISION"
 )
-"$PYTHON" -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision "$PRECISION" \
-    --dynamo_backend no "${RUN[@]}" 2>&1 | tee "$OUT/train.log"
-grep -q "on cuda" "$OUT/train.log" || { echo "gpu_smoke: FAILED, the run did not train on cuda"; exit 1; }
-"$PYTHON" -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision "$PRECISION" \
-    --dynamo_backend no "${RUN[@]}" --resume_from_checkpoint latest 2>&1 | tee "$OUT/resume.log"
-"$PYTHON" - "$OUT/run" <<'EOF'
+"${LAUNCH[@]}" "${RUN[@]}" --output_dir "$OUT/straight" 2>&1 | tee "$OUT/straight.log"
+grep -q "on cuda" "$OUT/straight.log" || { echo "gpu_smoke: FAILED, the run did not train on cuda"; exit 1; }
+# Killed (os._exit(17), as kill -9) after update 5 of phase 1: the last checkpoint is from update 4.
+set +e
+LPT_TRAINING_CALLBACKS=fault_injection:CrashAtStep LPT_FAULT_INJECT_STEP=1:5 PYTHONPATH="$PWD/tests:$PYTHONPATH" \
+    "${LAUNCH[@]}" "${RUN[@]}" --output_dir "$OUT/run" > "$OUT/killed.log" 2>&1
+KILLED=$?
+set -e
+if [ "$KILLED" -eq 0 ] || [ -e "$OUT/run/phase1" ]; then
+    echo "gpu_smoke: FAILED, the run to be killed was not interrupted in phase 1 (exit $KILLED)"; exit 1
+fi
+"${LAUNCH[@]}" "${RUN[@]}" --output_dir "$OUT/run" --resume_from_checkpoint latest 2>&1 | tee "$OUT/resume.log"
+grep -q "on cuda" "$OUT/resume.log" || { echo "gpu_smoke: FAILED, the resumed run did not train on cuda"; exit 1; }
+grep -q "Resumed phase 1 from .*phase1-epoch0001-step00000004" "$OUT/resume.log" \
+    || { echo "gpu_smoke: FAILED, the resume did not continue from the step-4 checkpoint of phase 1"; exit 1; }
+"$PYTHON" - "$OUT/straight" "$OUT/run" <<'EOF'
 import sys
 from pathlib import Path
 
@@ -58,7 +73,14 @@ from safetensors.torch import load_file
 import lpt_peft  # noqa: F401  (registers LPT with peft)
 from lpt_peft.backbones import tiny_random_vit
 
-run = Path(sys.argv[1])
+straight, run = Path(sys.argv[1]), Path(sys.argv[2])
+for phase in ("phase1", "phase2"):
+    expected, resumed = (load_file(d / phase / "adapter_model.safetensors") for d in (straight, run))
+    assert expected.keys() == resumed.keys(), f"{phase}: other tensors after resume"
+    differ = {k: float((expected[k].float() - resumed[k].float()).abs().max()) for k in expected
+              if not torch.equal(expected[k], resumed[k])}
+    assert not differ, f"{phase}: the killed and resumed run differs from the uninterrupted one: {differ}"
+print("gpu_smoke: killed + resumed run == uninterrupted run (both phases, bit-identical adapters)")
 weights = load_file(run / "phase2" / "adapter_model.safetensors")
 assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values()), "bad adapter weights"
 model = PeftModel.from_pretrained(tiny_random_vit(32), run / "phase2").to("cuda").eval()

@@ -74,8 +74,8 @@ def test_train_script_missing_split_file_prints_no_traceback(tmp_path):
     result = run_script(
         "train_lpt",
         "--dataset", "places_lt", "--data_root", str(tmp_path), "--split_dir", str(tmp_path / "splits"),
-        "--model_name_or_path", "tiny-random", "--output_dir", str(tmp_path / "out"), "--report_to", "none",
-        cwd=tmp_path,
+        "--model_name_or_path", "tiny-random", "--shared_layers", "2", "--output_dir", str(tmp_path / "out"),
+        "--report_to", "none", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "error: " in result.stderr

@@ -184,9 +184,72 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_latest_and_intact(t
         manager.save(TrainerState(phase=1, epoch=2, global_step=6))
     assert manager.resolve("latest") == first
     partial = tmp_path / "checkpoints" / "phase1-epoch0002-step00000006.partial"
-    assert partial.is_dir() and not (tmp_path / "checkpoints" / "phase1-epoch0002-step00000006").exists()
-    assert {k: v for k, v in snapshot(tmp_path / "checkpoints").items() if ".partial" not in k} == before
-    # Even a half-written folder that already holds a state file (a crash between the two writes) is never picked.
+    # A write failure removes its half-written folder (it only takes space); the previous checkpoint is untouched.
+    assert not partial.exists() and not (tmp_path / "checkpoints" / "phase1-epoch0002-step00000006").exists()
+    assert snapshot(tmp_path / "checkpoints") == before
+    # Even a half-written folder that already holds a state file (a kill between the two writes) is never picked.
+    partial.mkdir()
     TrainerState(phase=1, epoch=2, global_step=6).save(partial / STATE_FILE)
     (tmp_path / "checkpoints" / "latest").unlink()
     assert manager.resolve("latest") == first
+
+
+# ------------------------------------------------------------------------------------- failed checkpoint writes
+class SafetensorError(Exception):
+    """Stands in for safetensors' own exception type (matched by name, as the real one is a Rust-side class)."""
+
+
+WRITE_FAILURES = [
+    (SafetensorError("Error while serializing: IoError(No space left on device (os error 28))"), "no space left"),
+    (RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4480 vs 4374"), "unexpected pos"),
+    (RuntimeError("basic_ios::clear: iostream error"), "iostream error"),
+]
+
+
+@pytest.mark.parametrize("error,cause", WRITE_FAILURES, ids=["safetensors-enospc", "torch-pos", "torch-iostream"])
+def test_a_failed_checkpoint_write_names_folder_cause_and_the_intact_previous_checkpoint(
+    tmp_path, monkeypatch, error, cause
+):
+    accelerator = Accelerator(cpu=True)
+    manager = CheckpointManager(tmp_path, accelerator)
+
+    def write(path, **kwargs):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        Path(path, "model.safetensors").write_text("1")
+
+    monkeypatch.setattr(accelerator, "save_state", write)
+    first = manager.save(TrainerState(phase=1, epoch=1, global_step=3))
+    before = snapshot(tmp_path / "checkpoints")
+
+    def fail(path, **kwargs):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        Path(path, "model.safetensors").write_text("half")
+        raise error
+
+    monkeypatch.setattr(accelerator, "save_state", fail)
+    with pytest.raises(OSError) as info:
+        manager.save(TrainerState(phase=1, epoch=2, global_step=6))
+    message = str(info.value)
+    assert "Could not write the training checkpoint" in message
+    assert str(tmp_path / "checkpoints" / "phase1-epoch0002-step00000006") in message
+    assert cause in message
+    assert f"The previous checkpoint {first} is intact" in message and "--resume_from_checkpoint latest" in message
+    assert snapshot(tmp_path / "checkpoints") == before
+
+
+def test_a_bug_in_the_writer_is_not_reported_as_a_write_failure(tmp_path, monkeypatch):
+    accelerator = Accelerator(cpu=True)
+    manager = CheckpointManager(tmp_path, accelerator)
+    monkeypatch.setattr(accelerator, "save_state", lambda path, **kw: (_ for _ in ()).throw(KeyError("bug")))
+    with pytest.raises(KeyError):
+        manager.save(TrainerState(phase=1, epoch=1, global_step=3))
+
+
+def test_stale_partial_folders_are_removed_at_the_next_start(tmp_path):
+    out = tmp_path / "run"
+    stale = out / "checkpoints" / "phase1-epoch0009-step00000099.partial"  # not a name this run writes
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_text("half")
+    run_training(small_args(out, phase="1"))
+    assert not stale.exists()
+    assert not list((out / "checkpoints").glob("*.partial"))

@@ -211,6 +211,14 @@ class LPTTrainingArguments:
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "'latest' or a checkpoint folder: continue that run exactly."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "A fresh run (no --resume_from_checkpoint) refuses an --output_dir that holds checkpoints or "
+            "adapters of the phases it trains. With true, those checkpoints, adapters and results are REMOVED at the "
+            "start of the run (before its first epoch), as transformers' option of this name does."
+        },
+    )
     report_to: str = field(
         default="auto", metadata={"help": "'auto' (TensorBoard when installed), 'tensorboard', 'none', or 'all'."}
     )
@@ -309,8 +317,36 @@ def parse_training_args(argv: Sequence[str] | None = None) -> LPTTrainingArgumen
         for action in parser._actions:
             if action.dest in defaults:
                 action.required = False
+    explicit = set(defaults) if config_path is not None else set()
     args = parser.parse_args_into_dataclasses(args=argv)[0]
+    # Which options the user gave (config file or command line), as opposed to defaults: `--phase 2 --init_from`
+    # refuses explicit adapter options that contradict the init adapter. See `explicit_options`.
+    args.explicit_options = explicit | _flags_given(argv)
     return args
+
+
+def _flags_given(argv: Sequence[str]) -> set[str]:
+    known = {f.name for f in dataclasses.fields(LPTTrainingArguments)}
+    given = set()
+    for item in argv:
+        if item.startswith("--"):
+            name = item[2:].split("=", 1)[0].replace("-", "_")
+            given.add(name.removeprefix("no_") if name not in known else name)
+    return given & known
+
+
+def explicit_options(args: LPTTrainingArguments) -> set[str]:
+    """The options given explicitly: recorded by [`parse_training_args`] (command line and `--config` file); for
+    arguments built in Python, the fields whose value differs from the dataclass default."""
+    given = getattr(args, "explicit_options", None)
+    if given is not None:
+        return set(given)
+    changed = set()
+    for f in dataclasses.fields(args):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if getattr(args, f.name) != default:
+            changed.add(f.name)
+    return changed
 
 
 def _pop_config_path(argv: list[str]) -> str | None:
@@ -330,7 +366,15 @@ def load_yaml_options(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Config file {str(path)!r} does not exist.")
-    options = yaml.safe_load(path.read_text()) or {}
+    try:
+        options = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(
+            f"--config {str(path)!r} is not valid YAML{where}: {problem}. Fix the file (option: value, one per line)."
+        ) from err
     if not isinstance(options, dict):
         raise ValueError(
             f"Config file {str(path)!r} must hold a mapping of option: value, got {type(options).__name__}."

@@ -21,7 +21,21 @@ from lpt_peft.training.losses import LPTObjective
 from lpt_peft.training.samplers import SAMPLERS, create_sampler
 from lpt_peft.tuner.config import LPTConfig
 
-__all__ = ["build_peft_model", "lpt_config_from_args", "make_accelerator", "objective_from_args", "sampler_from_args"]
+__all__ = [
+    "build_peft_model",
+    "check_init_adapter",
+    "check_options_before_data",
+    "lpt_config_from_args",
+    "make_accelerator",
+    "objective_from_args",
+    "sampler_from_args",
+]
+
+# LPTTrainingArguments field -> the LPTConfig field it sets (same names).
+ADAPTER_OPTIONS = (
+    "prompt_length", "num_groups", "group_prompt_length", "top_k", "shared_layers", "classifier_dropout",
+    "layer_norm_eps",
+)  # fmt: skip
 
 
 def lpt_config_from_args(args: LPTTrainingArguments, num_labels: int, id2label: dict[int, str] | None) -> LPTConfig:
@@ -48,10 +62,37 @@ def build_peft_model(
     """A trainable LPT model: a fresh phase-1 adapter, or the phase-1 adapter saved in `init_from` (checked first)."""
     if init_from is None:
         return get_peft_model(backbone, lpt_config_from_args(args, num_labels, id2label))
-    from peft import PeftConfig
 
     adapter_config = Path(init_from) / "adapter_config.json"
     if not adapter_config.is_file():
+        raise FileNotFoundError(
+            f"--init_from {init_from!r} holds no adapter_config.json. Point it at a folder written by "
+            "save_pretrained (e.g. <output_dir>/phase1)."
+        )
+    config = check_init_adapter(args, init_from)
+    if config.num_labels != num_labels:
+        raise ValueError(
+            f"--init_from {init_from!r} has num_labels={config.num_labels} but the data set has {num_labels} classes."
+        )
+    return PeftModel.from_pretrained(backbone, init_from, is_trainable=True)
+
+
+def check_init_adapter(args: LPTTrainingArguments, init_from: str) -> LPTConfig:
+    """The LPTConfig of the phase-1 adapter `init_from`, checked against the run's explicitly given options.
+
+    Phase 2 continues the adapter with its own architecture, so an adapter option given explicitly (command line or
+    `--config` file; for arguments built in Python: a value other than the dataclass default) that differs from the
+    adapter's is a contradiction, not something to ignore silently.
+
+    Raises:
+        FileNotFoundError: no adapter_config.json in `init_from`.
+        ValueError: not an LPT phase-1 adapter, or explicit options that differ from it (each named with both values).
+    """
+    from peft import PeftConfig
+
+    from lpt_peft.training.arguments import explicit_options
+
+    if not (Path(init_from) / "adapter_config.json").is_file():
         raise FileNotFoundError(
             f"--init_from {init_from!r} holds no adapter_config.json. Point it at a folder written by "
             "save_pretrained (e.g. <output_dir>/phase1)."
@@ -64,11 +105,72 @@ def build_peft_model(
             f"--init_from {init_from!r} is a phase-{config.phase} adapter; phase 2 starts from a phase-1 adapter "
             "(<output_dir>/phase1). To continue an interrupted run use --resume_from_checkpoint."
         )
-    if config.num_labels != num_labels:
+    given = explicit_options(args)
+    differ = [
+        f"--{name} {getattr(args, name)} (the adapter has {getattr(config, name)})"
+        for name in ADAPTER_OPTIONS
+        if name in given and getattr(args, name) != getattr(config, name)
+    ]
+    if differ:
         raise ValueError(
-            f"--init_from {init_from!r} has num_labels={config.num_labels} but the data set has {num_labels} classes."
+            f"--init_from {init_from!r}: phase 2 continues that adapter with its own options, but this run was given "
+            f"other values: {'; '.join(differ)}. Remove these options (or set them to the adapter's values), or "
+            "train a new phase-1 adapter with them."
         )
-    return PeftModel.from_pretrained(backbone, init_from, is_trainable=True)
+    return config
+
+
+def check_options_before_data(args: LPTTrainingArguments) -> None:
+    """Everything that can be checked without the data and the backbone's weights, so a bad option fails in seconds.
+
+    Checks the base model reference (`--model_name_or_path`: a folder that exists, or a Hub id that is cached when
+    offline), the normalisation and crop options, the adapter options (as an `LPTConfig`), `--shared_layers` against
+    the backbone's depth (from its config, when available without loading weights) and the `--init_from` adapter.
+
+    Raises:
+        ValueError (`lpt_peft.cli.LPTUsageError` for the base reference): naming the option and the fix.
+    """
+    from lpt_peft.data.transforms import LPTImageTransform
+    from lpt_peft.inference import check_base_reference
+
+    check_base_reference(args.model_name_or_path)
+    LPTImageTransform(
+        args.image_size, train=True, resize_size=args.resize_size, mean=args.mean, std=args.std,
+        scale=(args.crop_scale_min, 1.0),
+    )  # fmt: skip
+    if args.phase == "2" and args.init_from:  # phase 2 takes the adapter options from the init adapter
+        if not args.resume_from_checkpoint:
+            check_init_adapter(args, args.init_from)
+        return
+    lpt_config_from_args(args, num_labels=2, id2label=None)  # LPTConfig's own checks (top_k <= num_groups, ...)
+    depth = _backbone_depth(args.model_name_or_path, args.image_size)
+    if depth is not None and args.shared_layers >= depth:
+        raise ValueError(
+            f"--shared_layers {args.shared_layers} must be < the {depth} layers of --model_name_or_path "
+            f"{args.model_name_or_path!r}: phase 2 adds group prompts to layers shared_layers+1..{depth}."
+        )
+
+
+def _backbone_depth(name_or_path: str, image_size: int) -> int | None:
+    """The backbone's number of layers from its config.json (no weights loaded); None when not known cheaply."""
+    import json
+
+    if name_or_path == "tiny-random":
+        from lpt_peft.backbones import tiny_random_vit
+
+        return tiny_random_vit(image_size=16).config.num_hidden_layers
+    if name_or_path == "demo":
+        from lpt_peft.interop.demo_backbone import default_demo_cache_dir
+
+        config_file = default_demo_cache_dir(image_size) / "config.json"
+    else:
+        config_file = Path(name_or_path).expanduser() / "config.json"
+    if not config_file.is_file():
+        return None  # a Hub id: checked when the backbone is loaded
+    config = json.loads(config_file.read_text())
+    config = config.get("vision_config") or config
+    depth = config.get("num_hidden_layers")
+    return int(depth) if isinstance(depth, int) else None
 
 
 def make_accelerator(**kwargs: Any) -> Accelerator:

@@ -10,6 +10,7 @@ same way (oldest complete checkpoints removed first).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -33,6 +34,7 @@ __all__ = [
     "TRAJECTORY_OPTIONS",
     "CheckpointManager",
     "TrainerState",
+    "check_output_dir",
     "check_resume",
     "install_adapter_only_checkpointing",
     "load_adapter_weights",
@@ -126,6 +128,12 @@ class CheckpointManager:
         self.total_limit = max(1, total_limit)
 
     def save(self, state: TrainerState) -> Path:
+        """Write `state` and accelerate's state as a new complete checkpoint; returns its folder.
+
+        Raises:
+            OSError: the write failed (e.g. a full disk), naming the folder, the cause and the previous checkpoint,
+                which is left intact (the half-written `.partial` folder is removed).
+        """
         name = f"phase{state.phase}-epoch{state.epoch:04d}-step{state.global_step:08d}"
         final = self.root / name
         partial = self.root / (name + ".partial")
@@ -133,16 +141,54 @@ class CheckpointManager:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(partial, ignore_errors=True)
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(partial), safe_serialization=True)
+        try:
+            self.accelerator.save_state(str(partial), safe_serialization=True)
+            if self.accelerator.is_main_process:
+                state.save(partial / STATE_FILE)
+        except Exception as err:
+            self._raise_write_failure(err, final, partial)
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            state.save(partial / STATE_FILE)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)
             _atomic_write_text(self.root / LATEST_FILE, name)
             self._prune(keep=final)
         self.accelerator.wait_for_everyone()
         return final
+
+    def _raise_write_failure(self, err: Exception, final: Path, partial: Path) -> None:
+        # The adapter save path's classification of writer errors (OSError, torch.save's stream RuntimeErrors,
+        # SafetensorError): other errors are bugs and keep their traceback.
+        from lpt_peft.tuner.registration import _is_write_failure, _save_error
+
+        if not _is_write_failure(err):
+            raise err
+        shutil.rmtree(partial, ignore_errors=True)  # frees the space the half-written state took
+        code = _save_error(err, str(final), str(partial)).errno
+        cause = f"no space left on the device ({err})" if code == errno.ENOSPC else f"{type(err).__name__}: {err}"
+        previous = self._latest_complete()
+        kept = (
+            f"The previous checkpoint {previous} is intact: after fixing the cause, continue with "
+            "`--resume_from_checkpoint latest`."
+            if previous is not None
+            else "No earlier checkpoint of this run exists."
+        )
+        hint = "Free disk space (or choose another --output_dir)" if code == errno.ENOSPC else "Check the folder"
+        message = f"Could not write the training checkpoint {final}: {cause}. {kept} {hint}."
+        raise (OSError(code, message) if code is not None else OSError(message)) from err
+
+    def _latest_complete(self) -> Path | None:
+        try:
+            return self.resolve("latest")
+        except FileNotFoundError:
+            return None
+
+    def remove_stale_partials(self) -> None:
+        """Remove `*.partial` folders left by a save that was killed or failed (main process; never resumed from)."""
+        if self.accelerator.is_main_process and self.root.is_dir():
+            for path in self.root.glob("*.partial"):
+                shutil.rmtree(path, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
 
     def _prune(self, keep: Path) -> None:
         complete = sorted(
@@ -295,6 +341,58 @@ def check_resume(resume_dir: Path, state: TrainerState, current: dict[str, Any],
             "with the --phase of the interrupted run, or start phase 2 from its adapter with --init_from (and a new "
             "--output_dir)."
         )
+
+
+# What a run writes into its output folder besides checkpoints/: adapters, the running best, the result tables.
+_RESULT_FILES = ("results.json", "results.md", "per_class_accuracy.json", "group_usage.json")
+
+
+def _earlier_run(output_dir: Path, phases: Sequence[int]) -> list[Path]:
+    """What a fresh run training `phases` would replace or mix into: adapters and checkpoints of those phases."""
+    found = [
+        folder
+        for phase in phases
+        for folder in (output_dir / f"phase{phase}", output_dir / "best" / f"phase{phase}")
+        if (folder / "adapter_model.safetensors").is_file()
+    ]
+    root = output_dir / CHECKPOINT_DIR
+    if root.is_dir():
+        found += sorted(
+            p
+            for p in root.iterdir()
+            if p.is_dir() and p.name.startswith(tuple(f"phase{q}-" for q in phases)) and (p / STATE_FILE).is_file()
+        )  # a `.partial` folder without a state is no finished work (and is removed at the start)
+    return found
+
+
+def check_output_dir(output_dir: Path, phases: Sequence[int], overwrite: bool, accelerator: Accelerator) -> None:
+    """A fresh run refuses an output folder holding adapters or checkpoints of the phases it trains (a phase-2 run
+    next to its phase-1 adapter is fine); with `overwrite`, the main process removes them (and, for a run that
+    trains phase 1, the result tables).
+
+    Raises:
+        ValueError: naming the folder, what it holds, `--resume_from_checkpoint latest` and `--overwrite_output_dir`.
+    """
+    found = _earlier_run(Path(output_dir), phases)
+    if found and not overwrite:
+        names = ", ".join(str(p.relative_to(output_dir)) for p in found[:4]) + (" ..." if len(found) > 4 else "")
+        raise ValueError(
+            f"--output_dir {str(output_dir)!r} already holds an earlier run ({names}). To continue that run pass "
+            "`--resume_from_checkpoint latest`; to replace it pass `--overwrite_output_dir true` (its checkpoints, "
+            "adapters and results are removed at the start); or choose another --output_dir. Nothing was written."
+        )
+    if not overwrite:
+        return
+    # Every process waits here (whatever it found: the main process may already have removed the files).
+    if accelerator.is_main_process:
+        for path in found:
+            shutil.rmtree(path, ignore_errors=True)
+        if found and 1 in phases:  # a phase-2 run keeps the phase-1 rows; its own rows replace the old ones by name
+            for name in _RESULT_FILES:
+                (Path(output_dir) / name).unlink(missing_ok=True)
+        pointer = Path(output_dir) / CHECKPOINT_DIR / LATEST_FILE
+        pointer.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
 
 
 def save_adapter(model: PeftModel, directory: Path, accelerator: Accelerator, barrier: bool = True) -> None:

@@ -7,6 +7,8 @@ stacked tensors).
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from accelerate import Accelerator
 from accelerate.data_loader import prepare_data_loader
@@ -16,6 +18,8 @@ from lpt_peft.data.long_tail import LongTailDataset
 from lpt_peft.data.seeding import STREAM_LOADER, torch_generator
 from lpt_peft.data.transforms import LPTImageTransform, TransformedImageDataset
 from lpt_peft.training.arguments import LPTTrainingArguments
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "TransformedImageDataset",  # lives in lpt_peft.data.transforms; re-exported for the training API
@@ -104,17 +108,35 @@ def make_eval_loader(dataset, args: LPTTrainingArguments, accelerator: Accelerat
     )
 
 
-def check_images_before_training(data: LongTailDataset, args: LPTTrainingArguments) -> None:
-    """Decode the val and test images once before any training (unless a loader already verified that split).
+# Training splits up to this many images are decoded once before training (Places-LT's 62.5k take a few minutes on
+# a few cores, small next to one epoch); larger ones are not, unless --verify_images true.
+TRAIN_CHECK_LIMIT = 100_000
 
-    A bad file there would otherwise crash validation after the first epoch trained, before its checkpoint.
+
+def check_images_before_training(data: LongTailDataset, args: LPTTrainingArguments) -> None:
+    """Decode the images once before any training (unless a loader already verified that split with
+    `--verify_images true`): val and test always, train when it holds at most `TRAIN_CHECK_LIMIT` images.
+
+    A bad file would otherwise crash training or validation after epochs were trained; checked here, the run fails
+    before its first step and a fresh start (with the file fixed, or `--verify_images true`) loses nothing.
+
+    Raises:
+        ValueError: naming the unreadable files of a split.
     """
     from lpt_peft.data.benchmarks import check_images_decode
 
-    for split in ("val", "test"):
+    for split in ("train", "val", "test"):
         dataset = getattr(data, split)
-        if dataset is not None and split not in data.skipped_images:
-            check_images_decode(dataset, split, num_workers=max(1, args.num_workers))
+        if dataset is None or split in data.skipped_images:
+            continue
+        if split == "train" and len(dataset) > TRAIN_CHECK_LIMIT:
+            logger.info(
+                "The %d training images are not decoded before training (more than %d); an unreadable one stops "
+                "training with the last checkpoint named. --verify_images true checks (and skips) them first.",
+                len(dataset), TRAIN_CHECK_LIMIT,
+            )  # fmt: skip
+            continue
+        check_images_decode(dataset, split, num_workers=max(1, args.num_workers))
 
 
 def build_dataset(args: LPTTrainingArguments) -> LongTailDataset:

@@ -12,6 +12,7 @@ import importlib
 import logging
 import math
 import os
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -315,6 +316,31 @@ def _validate_epoch(run, epoch, running, data, args, accelerator, state) -> dict
     return record
 
 
+# lpt_peft.data.transforms.decode_image's message (also inside a DataLoader worker's re-raised error).
+_DECODE_ERROR = re.compile(r"Could not decode (image file '(?P<path>[^']+)'|an in-memory image)")
+
+
+def _decode_failure(err: ValueError, checkpoints: CheckpointManager, phase: int, epoch: int) -> ValueError:
+    """The error for an image that cannot be decoded mid-training: the image, the last checkpoint, how to go on."""
+    match = _DECODE_ERROR.search(str(err))
+    image = repr(match["path"]) if match["path"] else "an in-memory image"
+    try:
+        last = checkpoints.resolve("latest")
+        kept = (
+            f"The finished epochs are kept in the checkpoint {last}. To continue from it, replace the file with a "
+            "readable copy of the same image (same file size: the resume check compares names and sizes) and run "
+            "again with `--resume_from_checkpoint latest`."
+        )
+    except FileNotFoundError:
+        kept = "No checkpoint of this run was written yet, so nothing is lost by starting again."
+    return ValueError(
+        f"Training stopped in phase {phase}, epoch {epoch}: could not decode the training image {image} (corrupt, "
+        f"truncated or not an image). {kept} Or start afresh without it: remove or replace the file, or pass "
+        "--verify_images true (decodes every image before training and skips unreadable ones), with "
+        "--overwrite_output_dir true or another --output_dir."
+    )
+
+
 def train_phase(
     model: PeftModel,
     phase: int,
@@ -366,7 +392,12 @@ def train_phase(
     )
     run.prepared_model.train()
     for epoch in range(state.epoch, num_epochs):
-        running = _train_epoch(run, epoch, args, accelerator, checkpoints, state, callbacks, progress)
+        try:
+            running = _train_epoch(run, epoch, args, accelerator, checkpoints, state, callbacks, progress)
+        except ValueError as err:
+            if _DECODE_ERROR.search(str(err)) is None:
+                raise
+            raise _decode_failure(err, checkpoints, phase, epoch) from err
         record = _validate_epoch(run, epoch, running, data, args, accelerator, state)
         state.history.append(record)
         if accelerator.is_main_process:

@@ -24,6 +24,7 @@ from lpt_peft.data.long_tail import LongTailDataset
 from lpt_peft.training.arguments import LPTTrainingArguments
 from lpt_peft.training.builders import (
     build_peft_model,
+    check_options_before_data,
     make_accelerator,
     objective_from_args,
     sampler_from_args,
@@ -33,6 +34,7 @@ from lpt_peft.training.checkpointing import (
     CheckpointManager,
     TrainerState,
     _atomic_write_text,
+    check_output_dir,
     check_resume,
     install_adapter_only_checkpointing,
     run_record,
@@ -99,12 +101,16 @@ def _open_run(args: LPTTrainingArguments):
         log_with=_trackers(args),
         project_dir=str(output_dir),
     )
+    if not args.resume_from_checkpoint:
+        # Before anything is written: a fresh run must not silently replace an earlier run's work.
+        check_output_dir(output_dir, args.phases, args.overwrite_output_dir, accelerator)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger("accelerate").setLevel(logging.WARNING)
     set_seed(args.seed)
     checkpoints = CheckpointManager(output_dir, accelerator, args.checkpoints_total_limit)
+    checkpoints.remove_stale_partials()  # left by a save that failed (disk full, kill): never resumed from
     state, resume_dir = TrainerState(), None
     if args.resume_from_checkpoint:
         resume_dir = checkpoints.resolve(args.resume_from_checkpoint)
@@ -124,10 +130,25 @@ def _card_info(args: LPTTrainingArguments) -> dict[str, Any]:
             "std": list(args.std),
         },
         # The options that rebuild the evaluation split: `evaluate_lpt.py --adapter DIR` evaluates what was reported.
-        "data": {
-            k: getattr(args, k) for k in ("n_max", "imbalance", "data_seed", "val_per_class", "max_test_per_class")
-        },
+        "data": _data_options(args),
         **({"repo_id": args.hub_model_id} if args.hub_model_id else {}),
+    }
+
+
+# Options a data-set builder takes that do not define the data: how it is loaded, or recorded elsewhere.
+_NOT_DATA_DEFINING = ("num_workers", "image_size")
+
+
+def _data_options(args: LPTTrainingArguments) -> dict[str, Any]:
+    """The data set's own options (the registry's `dataset_options_from_args`: Hub columns and splits, folders,
+    subsampling), as JSON values."""
+    from lpt_peft.data.registry import dataset_options_from_args
+
+    options = dataset_options_from_args(args)
+    return {
+        k: os.fspath(v) if isinstance(v, os.PathLike) else v
+        for k, v in options.items()
+        if k not in _NOT_DATA_DEFINING
     }
 
 
@@ -186,6 +207,7 @@ def run_training(args: LPTTrainingArguments, data: LongTailDataset | None = None
         ValueError / FileNotFoundError: bad data, adapter or resume, before anything is trained or written.
     """
     output_dir = Path(args.output_dir)
+    check_options_before_data(args)
     accelerator, checkpoints, state, resume_dir = _open_run(args)
     data = data if data is not None else build_dataset(args)
     check_images_before_training(data, args)
