@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import operator
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from lpt_peft.checks import as_int, check_int
 from lpt_peft.data.seeding import STREAM_CLASSES, STREAM_IMAGES, STREAM_INSTANCES, torch_generator
 
 __all__ = [
@@ -114,28 +114,12 @@ def create_sampler(
     return sampler
 
 
-def _as_int(value: Any) -> int | None:
-    """`int(value)` for Python/NumPy/0-d tensor integers, None for anything else (bools and floats included)."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
-
 def _check_positive_int(value: Any, name: str) -> int:
-    as_int = _as_int(value)
-    if as_int is None or as_int <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    return as_int
+    return check_int(value, name, minimum=1)
 
 
 def _check_int_range(value: Any, name: str, low: int, high: int, context: str = "") -> int:
-    as_int = _as_int(value)
-    if as_int is None or not low <= as_int <= high:
-        raise ValueError(f"{name} must be an integer in [{low}, {high}]{context}, got {value!r}.")
-    return as_int
+    return check_int(value, name, minimum=low, maximum=high, hint=context.strip() and f"({context.strip()})")
 
 
 def _resolve_replicas(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
@@ -186,10 +170,10 @@ class _ShardedBatchSampler(Sampler[list[int]]):
 
     def __init__(self, num_replicas: int | None, rank: int | None, seed: int, start_batch: int) -> None:
         super().__init__()
-        if _as_int(seed) is None:
+        if as_int(seed) is None:
             raise TypeError(f"seed must be an int, got {type(seed).__name__}.")
         self.num_replicas, self.rank = _resolve_replicas(num_replicas, rank)
-        self.seed = _as_int(seed)
+        self.seed = as_int(seed)
         self.epoch = 0
         self._start_batch = 0
         if start_batch:
@@ -204,10 +188,7 @@ class _ShardedBatchSampler(Sampler[list[int]]):
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch whose batches the next iteration yields; call it at the start of every epoch."""
-        as_int = _as_int(epoch)
-        if as_int is None or as_int < 0:
-            raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}.")
-        self.epoch = as_int
+        self.epoch = check_int(epoch, "epoch", minimum=0)
 
     def skip_batches(self, num_batches: int) -> None:
         """
