@@ -12,7 +12,9 @@ train_lpt.py (`--help` lists them), plus --adapter and --json_out.
 """
 
 import json
+import os
 import sys
+from pathlib import Path
 
 from lpt_peft.cli import TRAINING_FLAGS, LPTUsageError, cli_entry
 from lpt_peft.data.registry import dataset_options, resolve_dataset
@@ -27,13 +29,37 @@ def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     adapter = _pop(argv, "--adapter", required=True)
     json_out = _pop(argv, "--json_out")
+    check_output_file(json_out, "--json_out")  # before the evaluation, not after it
     argv = recorded_flags(adapter, argv) + argv
     result = evaluate_adapter(adapter, parse_training_args(argv))
     print(format_results_table({f"{adapter} (phase {result['phase']})": result}))
     if json_out:
-        with open(json_out, "w") as handle:
-            json.dump({k: result[k] for k in ("overall", "many", "medium", "few", "per_class", "phase")}, handle)
+        summary = {k: result[k] for k in ("overall", "many", "medium", "few", "per_class", "phase")}
+        write_output_file(json_out, "--json_out", lambda handle: json.dump(summary, handle))
     return result
+
+
+def check_output_file(path: str | None, flag: str) -> None:
+    """Refuse an output file that cannot be written, before any work is done (the error names `flag`)."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise LPTUsageError(f"{flag} {path} is a folder; give a file name inside it, e.g. {target / 'out.json'}.")
+    parent = target.parent
+    if not parent.is_dir():
+        raise LPTUsageError(f"{flag} {path}: the folder {parent} does not exist; create it or choose another path.")
+    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise LPTUsageError(f"{flag} {path}: permission denied; choose a path you can write.")
+
+
+def write_output_file(path: str, flag: str, write) -> None:
+    """`write(handle)` into `path`; an I/O error (e.g. a full disk) names `flag`, the path and the cause."""
+    try:
+        with open(path, "w", newline="") as handle:
+            write(handle)
+    except OSError as err:
+        raise LPTUsageError(f"{flag} {path}: cannot write the file ({err.strerror or err}).") from None
 
 
 def recorded_flags(adapter: str, argv: list[str]) -> list[str]:
