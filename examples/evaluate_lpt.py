@@ -6,9 +6,11 @@
 
 Defaults come from what the adapter folder records: its base model (adapter_config.json), its preprocessing
 (preprocessor_config.json: image size, resize, mean, std), its data set and data-set options (the model card's
-metadata). A --config file and flags fill in the rest (e.g. --data_root); flags given on the command line win over
-the adapter's record, and the adapter's record wins over a --config file. Accepts the data and backbone options of
-train_lpt.py (`--help` lists them), plus --adapter and --json_out.
+metadata: a registered name, a Hub id or a local data-set folder, with the options that data set takes, e.g. its image
+folders). Recorded data options apply only to the recorded data set: with another --dataset they are left out. A
+--config file and flags fill in the rest (e.g. --data_root); flags given on the command line win over the adapter's
+record, and the adapter's record wins over a --config file. Accepts the data and backbone options of train_lpt.py
+(`--help` lists them), plus --adapter and --json_out.
 """
 
 import json
@@ -78,6 +80,7 @@ def recorded_flags(adapter: str, argv: list[str]) -> list[str]:
     for key in set(record) & set(DATASET_ARGUMENTS):
         if dataset is None or key not in dataset_options(dataset):
             del record[key]  # recorded for another data set (or none known): its defaults or the flags apply
+    _check_recorded_paths(adapter, record)
     if "model_name_or_path" in record:
         check_base_reference(record["model_name_or_path"], recorded_in=adapter)
     flags: list[str] = []
@@ -120,6 +123,22 @@ def _recorded_dataset(
         ) from None
     record["dataset"] = recorded
     return recorded
+
+
+# Data options that name a file system location (the iNaturalist JSON names are relative to --data_root).
+RECORDED_PATHS = ("data_root", "split_dir", "train_dir", "val_dir", "test_dir")
+
+
+def _check_recorded_paths(adapter: str, record: dict) -> None:
+    """A recorded data folder that is not there (moved, another machine, relative to another directory): say so."""
+    for key in RECORDED_PATHS:
+        value = record.get(key)
+        if isinstance(value, str) and not os.path.exists(os.path.expanduser(value)):
+            where = "" if os.path.isabs(value) else f" (a relative path; this run is in {os.getcwd()})"
+            raise LPTUsageError(
+                f"The adapter {adapter} records --{key} {value} from its training run, which does not exist "
+                f"here{where}. Pass --{key} with the folder's location here."
+            )
 
 
 def _flag_value(argv: list[str], flag: str) -> str | None:

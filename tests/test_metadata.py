@@ -332,3 +332,32 @@ def test_evaluate_script_refuses_a_recorded_data_set_it_does_not_know(tmp_path, 
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and "trained on data set 'my_private_set'" in error
     assert "--dataset" in error and "Traceback" not in error
+
+
+def test_evaluate_script_names_a_recorded_folder_that_is_not_here(tmp_path, monkeypatch, capsys):
+    """Image folders recorded by the run, moved since (or relative to another directory): the flag to pass."""
+    adapter = _adapter_with_card(tmp_path / "a", "imagefolder", {"train_dir": "data/train", "test_dir": "data/test"})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("evaluate_lpt").main(["--adapter", str(adapter)])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "records --train_dir data/train from its training run" in error
+    assert "a relative path" in error and "Pass --train_dir" in error
+
+
+def test_evaluate_script_needs_no_data_flag_when_the_folders_are_recorded(imagefolder_run, tmp_path):
+    """A run records its image folders (absolute paths) in the card's `lpt_data`: `--adapter` alone evaluates."""
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    root, rows = imagefolder_run
+    adapter = tmp_path / "phase2"
+    shutil.copytree(root / "out" / "phase2", adapter)
+    card = ModelCard.load(adapter / "README.md")
+    card.data["lpt_data"] = {"train_dir": str(root / "train"), "test_dir": str(root / "test"), "val_dir": None,
+                             "verify_images": False, "max_test_per_class": None}  # fmt: skip
+    card.save(adapter / "README.md")
+    result = load_script("evaluate_lpt").main(["--adapter", str(adapter), "--num_workers", "0"])
+    assert result["overall"] == pytest.approx(rows["LPT phase 2"]["overall"], abs=1e-9)
+    assert result["few"] == pytest.approx(rows["LPT phase 2"]["few"], abs=1e-9)
