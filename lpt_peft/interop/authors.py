@@ -614,12 +614,24 @@ def convert_authors_checkpoint(
     pool_options = dict(shared_layers=shared_layers, num_groups=num_groups, group_prompt_length=group_prompt_length)
     lpt_config = _checked_lpt_config(parts, top_k, id2label, pool_options)
 
-    created = _missing_parents((base_dir, adapter_dir))
+    model = _write_into_place(
+        (base_dir, adapter_dir),
+        lambda staged: _write_staged(parts, lpt_config, base_name, staged, checkpoint, val_acc, dataset),
+    )
+    return ConvertedCheckpoint(model, base_dir, adapter_dir, stored_config, val_acc, phase=parts.phase)
+
+
+def _write_into_place(targets: tuple[Path, Path], write):
+    """`write(staged_folders)` into fresh folders beside `targets`, then rename them into place.
+
+    A failure leaves neither staged folders nor parent folders it created behind.
+    """
+    created = _missing_parents(targets)
     staged: list[Path] = []
     try:
-        staged = [_fresh_sibling(folder, "partial") for folder in (base_dir, adapter_dir)]
-        model = _write_staged(parts, lpt_config, base_name, staged, checkpoint, val_acc, dataset)
-        for folder, target in zip(staged, (base_dir, adapter_dir)):
+        staged = [_fresh_sibling(folder, "partial") for folder in targets]
+        result = write(staged)
+        for folder, target in zip(staged, targets):
             _swap_in(folder, target)
         created = []
     finally:
@@ -628,7 +640,7 @@ def convert_authors_checkpoint(
         for folder in created:  # a failed conversion leaves no empty folders behind either
             with contextlib.suppress(OSError):
                 folder.rmdir()
-    return ConvertedCheckpoint(model, base_dir, adapter_dir, stored_config, val_acc, phase=parts.phase)
+    return result
 
 
 def _write_staged(parts: _AuthorsParts, lpt_config, base_name: str, staged, checkpoint, val_acc, dataset):
