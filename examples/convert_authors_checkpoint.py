@@ -15,10 +15,11 @@ with
     model = PeftModel.from_pretrained(ViTModel.from_pretrained("converted/base", add_pooling_layer=False),
                                       "converted/adapter")
 
-Nothing is written unless the whole file converts; existing non-empty output folders are kept unless --overwrite.
+Nothing is written unless the whole file converts; existing non-empty output folders are kept unless --overwrite, and
+output folders inside one another, or holding the checkpoint itself, are refused (with or without --overwrite).
 The checkpoint is read with torch.load(weights_only=True) first; if it holds other Python objects, the script stops
 and explains. --trust_pickle then allows a full unpickle, which runs code stored in the file: only for trusted files.
-See docs/interop.md.
+A truncated, corrupt or non-torch file is reported as "damaged or not a PyTorch checkpoint". See docs/interop.md.
 """
 
 import argparse

@@ -17,11 +17,12 @@ warning, listed with its error in the JSON / CSV output, and the other images ar
 import argparse
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 
 import lpt_peft  # noqa: F401  (registers LPT with peft)
-from lpt_peft.cli import cli_entry
+from lpt_peft.cli import LPTUsageError, cli_entry
 from lpt_peft.inference import load_classifier
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -73,9 +74,34 @@ def collect_images(paths: list[str], recursive: bool) -> list[str]:
     return files
 
 
+def check_output_file(path: str | None, flag: str) -> None:
+    """Refuse an output file that cannot be written, before any work is done (the error names `flag`)."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise LPTUsageError(f"{flag} {path} is a folder; give a file name inside it, e.g. {target / 'out.json'}.")
+    parent = target.parent
+    if not parent.is_dir():
+        raise LPTUsageError(f"{flag} {path}: the folder {parent} does not exist; create it or choose another path.")
+    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise LPTUsageError(f"{flag} {path}: permission denied; choose a path you can write.")
+
+
+def write_output_file(path: str, flag: str, write) -> None:
+    """`write(handle)` into `path`; an I/O error (e.g. a full disk) names `flag`, the path and the cause."""
+    try:
+        with open(path, "w", newline="") as handle:
+            write(handle)
+    except OSError as err:
+        raise LPTUsageError(f"{flag} {path}: cannot write the file ({err.strerror or err}).") from None
+
+
 @cli_entry(flags={"base_model": "--base", "image_size": "--image_size", "on_error": "--skip_bad"})
 def main(argv=None) -> list[dict]:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    check_output_file(args.json_out, "--json_out")
+    check_output_file(args.csv_out, "--csv_out")
     files = collect_images(args.images, args.recursive)
     classifier = load_classifier(
         args.base,
@@ -103,20 +129,24 @@ def main(argv=None) -> list[dict]:
             print(f"  {rank}. {item['label']}  {item['score']:.4f}")
 
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(records, indent=2) + "\n")
+        text = json.dumps(records, indent=2) + "\n"
+        write_output_file(args.json_out, "--json_out", lambda handle: handle.write(text))
     if args.csv_out:
-        with open(args.csv_out, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["image", "rank", "label", "score", "error"])
-            for record in records:
-                if "error" in record:
-                    writer.writerow([record["image"], "", "", "", record["error"]])
-                for rank, item in enumerate(record["predictions"], start=1):
-                    writer.writerow([record["image"], rank, item["label"], f"{item['score']:.6f}", ""])
+        write_output_file(args.csv_out, "--csv_out", lambda handle: write_csv(handle, records))
     skipped = sum("error" in r for r in records)
     if skipped:
         print(f"{skipped} of {len(records)} images could not be read and were skipped.", file=sys.stderr)
     return records
+
+
+def write_csv(handle, records: list[dict]) -> None:
+    writer = csv.writer(handle)
+    writer.writerow(["image", "rank", "label", "score", "error"])
+    for record in records:
+        if "error" in record:
+            writer.writerow([record["image"], "", "", "", record["error"]])
+        for rank, item in enumerate(record["predictions"], start=1):
+            writer.writerow([record["image"], rank, item["label"], f"{item['score']:.6f}", ""])
 
 
 if __name__ == "__main__":

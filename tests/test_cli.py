@@ -93,6 +93,13 @@ def test_evaluate_script_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(["--adapter", str(tmp_path / "nowhere")])
     assert exit_info.value.code == 2 and "adapter_config.json" in capsys.readouterr().err
+    # An output file that cannot be written is refused before the (long) evaluation, naming the flag.
+    (tmp_path / "adapter").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--adapter", str(tmp_path / "adapter"), "--json_out", str(tmp_path / "nonexist" / "r.json")])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.startswith(f"error: --json_out {tmp_path / 'nonexist' / 'r.json'}")
+    assert "does not exist" in error
 
 
 def test_summarize_and_convert_scripts_errors(tmp_path, capsys):

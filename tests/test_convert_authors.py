@@ -454,3 +454,178 @@ def test_old_module_path_re_exports_both_converters():
     for name in convert_authors.__all__:
         assert getattr(convert_authors, name) is getattr(authors if hasattr(authors, name) else timm, name), name
     assert set(convert_authors.__all__) == set(authors.__all__) | set(timm.__all__)
+
+
+# ------------------------------------------------------------- output folders that would destroy each other/the input
+def tree(root):
+    """Every path under `root` with its bytes (files), its target (links) or None (folders)."""
+    return {
+        str(p.relative_to(root)): (
+            ("link", str(p.readlink())) if p.is_symlink() else p.read_bytes() if p.is_file() else None
+        )
+        for p in sorted(root.rglob("*"))
+    }
+
+
+# (checkpoint, base folder, adapter folder, what the refusal says); the reviewer's cases and their mirror images.
+OVERLAPS = {
+    "adapter-inside-base": ("c.pth", "conv", "conv/adapter", "adapter folder .* is inside the base folder"),
+    "base-inside-adapter": ("c.pth", "conv2/base", "conv2", "base folder .* is inside the adapter folder"),
+    "deeply-nested": ("c.pth", "x", "x/y/z/adapter", "adapter folder .* is inside the base folder"),
+    "same-folder": ("c.pth", "same", "same/.", "are the same"),
+    "adapter-holds-input": ("out/adapter/c.pth", "out/base", "out/adapter", "holds the checkpoint being converted"),
+    "base-holds-input-deeper": ("b/sub/c.pth", "b", "a", "holds the checkpoint being converted"),
+}
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("case", list(OVERLAPS))
+def test_overlapping_outputs_are_refused_before_anything_is_written(authors_state, tmp_path, case, overwrite):
+    """Before: 'conv'/'conv/adapter' wrote the base, then failed on a rename with no adapter and conv/ emptied;
+    'conv2/base'/'conv2' reported OK with the base deleted; --overwrite with the .pth inside deleted the input."""
+    checkpoint, base, adapter, message = OVERLAPS[case]
+    (tmp_path / checkpoint).parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(tmp_path / checkpoint, authors_state[0])
+    for folder in (base, adapter):  # earlier contents the user keeps
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        (tmp_path / folder / f"notes-{Path(folder).name}.txt").write_text("mine")
+    before = tree(tmp_path)
+    with pytest.raises(ValueError, match=message) as err:
+        convert_authors_checkpoint(
+            tmp_path / checkpoint, tmp_path / base, tmp_path / adapter, num_attention_heads=HEADS, overwrite=overwrite
+        )
+    assert "nothing was written" in str(err.value) or case == "same-folder"
+    assert tree(tmp_path) == before
+
+
+def test_a_symlinked_output_inside_the_other_is_refused(authors_state, tmp_path):
+    save_checkpoint(tmp_path / "c.pth", authors_state[0])
+    (tmp_path / "conv").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "conv")
+    before = tree(tmp_path)
+    with pytest.raises(ValueError, match="is inside the base folder"):
+        convert_authors_checkpoint(tmp_path / "c.pth", tmp_path / "conv", tmp_path / "alias" / "adapter",
+                                   num_attention_heads=HEADS)  # fmt: skip
+    assert tree(tmp_path) == before
+
+
+def test_folders_named_like_the_staging_folders_are_not_touched(authors_state, tmp_path):
+    """The converter stages beside its targets; a user's `adapter.old` or `base.partial` is not its to delete, and a
+    base folder named like the adapter's backup (`y.old` next to `y`) survives the adapter's replacement."""
+    save_checkpoint(tmp_path / "c.pth", authors_state[0])
+    for name in ("a.partial", "a.old", "b.partial", "b.old"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "keep.txt").write_text(name)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "old.txt").write_text("replaced")
+    kept = {k: v for k, v in tree(tmp_path).items() if k.split("/")[0] in ("a.partial", "a.old", "b.partial", "b.old")}
+    convert_authors_checkpoint(
+        tmp_path / "c.pth", tmp_path / "b", tmp_path / "a", num_attention_heads=HEADS, overwrite=True
+    )
+    after = tree(tmp_path)
+    assert {k: v for k, v in after.items() if k in kept} == kept
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file() and not (tmp_path / "a" / "old.txt").exists()
+    expected = ["a", "a.old", "a.partial", "b", "b.old", "b.partial", "c.pth"]  # no staging folder left either
+    assert sorted(p.name for p in tmp_path.iterdir()) == expected
+    # A base folder named like the adapter's backup folder.
+    (tmp_path / "y").mkdir()
+    (tmp_path / "y" / "old.txt").write_text("replaced")
+    convert_authors_checkpoint(
+        tmp_path / "c.pth", tmp_path / "y.old", tmp_path / "y", num_attention_heads=HEADS, overwrite=True
+    )
+    assert (tmp_path / "y.old" / "model.safetensors").is_file() and (tmp_path / "y" / "adapter_config.json").is_file()
+    assert oct((tmp_path / "y").stat().st_mode & 0o777) == oct((tmp_path / "a.old").stat().st_mode & 0o777)
+
+
+def test_a_write_failure_leaves_no_new_folders(authors_state, tmp_path, monkeypatch):
+    """A failure while writing (here: the adapter's save, after the base was staged) leaves the tree as it was."""
+    save_checkpoint(tmp_path / "c.pth", authors_state[0])
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PeftModel, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        convert_authors_checkpoint(tmp_path / "c.pth", tmp_path / "new" / "deep" / "base",
+                                   tmp_path / "new" / "adapter", num_attention_heads=HEADS)  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pth"]
+
+
+# -------------------------------------------------------------------------- damaged files are not "unsafe" files
+def damaged_files(folder, state_dict):
+    """Files that are not a complete torch.save file, each as torch 2.x fails on it (in the comment)."""
+    torch.save({"state_dict": state_dict}, folder / "full.pth")
+    data = (folder / "full.pth").read_bytes()
+    torch.save({"state_dict": state_dict}, folder / "legacy.pth", _use_new_zipfile_serialization=False)
+    legacy = (folder / "legacy.pth").read_bytes()
+    files = {
+        "truncated.pth": data[: len(data) // 2],  # OSError [Errno 22] Invalid argument (no file name)
+        "head-only.pth": data[:100],  # RuntimeError: failed finding central directory
+        "legacy-truncated.pth": legacy[: len(legacy) // 2],  # RuntimeError: unexpected EOF
+        "config.yaml": b"lr: 0.02\\ntopk: 2\\n",  # UnpicklingError: Unsupported operand (a text file)
+        "empty.pth": b"",  # EOFError
+        "noise.pth": bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)),
+    }
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    return list(files)
+
+
+@pytest.mark.parametrize("trust_pickle", [False, True])
+def test_a_damaged_or_foreign_file_is_named_as_such(authors_state, tmp_path, trust_pickle):
+    """Before: "holds Python objects beyond tensors ... pass trust_pickle" (wrong cause, steering to an unsafe load);
+    with trust_pickle "[Errno 22] Invalid argument" without the file name, or a raw UnpicklingError."""
+    for name in damaged_files(tmp_path, authors_state[0]):
+        path = tmp_path / name
+        with pytest.raises(ValueError) as err:
+            load_authors_checkpoint(path, trust_pickle=trust_pickle)
+        message = str(err.value)
+        assert f"damaged or not a PyTorch checkpoint: {path}" in message, (name, message)
+        assert "trust_pickle" not in message and "Python objects" not in message, (name, message)
+
+
+def test_convert_script_says_damaged_with_and_without_trust_pickle(authors_state, tmp_path, monkeypatch, capsys):
+    damaged_files(tmp_path, authors_state[0])
+    monkeypatch.chdir(tmp_path)
+    script = load_convert_script()
+    for name, extra in (("truncated.pth", []), ("config.yaml", ["--trust_pickle"])):
+        with pytest.raises(SystemExit) as exit_info:
+            script.main(["--checkpoint", name, "--output_dir", "out", *extra])
+        error = capsys.readouterr().err
+        assert exit_info.value.code == 2 and error.startswith("error: "), error
+        assert f"The file is damaged or not a PyTorch checkpoint: {name}" in error
+        assert "--trust_pickle" not in error and not (tmp_path / "out").exists()
+
+
+def test_the_pickle_advice_names_its_real_reason(authors_state, tmp_path):
+    """Only a complete torch.save file that the safe loader refuses for its objects (or its pickle protocol) gets
+    the trust_pickle advice, and the message says which."""
+    sd = authors_state[0]
+    torch.save({"config": Opaque(1), "state_dict": sd}, tmp_path / "opaque.pth")
+    with pytest.raises(ValueError, match=r"holds Python objects beyond tensors \(.*Opaque\).*trust_pickle=True"):
+        load_authors_checkpoint(tmp_path / "opaque.pth")
+    # A checkpoint pickled with protocol 4 (torch.save(..., pickle_protocol=4)): plain tensors, yet the safe loader
+    # cannot read it; a full load can.
+    torch.save({"config": {"topk": 2}, "state_dict": sd}, tmp_path / "p4.pth", pickle_protocol=4)
+    with pytest.raises(ValueError, match=r"pickled with protocol 4, which torch's safe loader does not read"):
+        load_authors_checkpoint(tmp_path / "p4.pth")
+    with pytest.warns(UserWarning, match="executes code"):
+        state, config, _ = load_authors_checkpoint(tmp_path / "p4.pth", trust_pickle=True)
+    assert config == {"topk": 2} and all(torch.equal(state[k], sd[k]) for k in sd)
+    # Objects of a class that is not importable here: said so, not "damaged".
+    torch.save({"config": Opaque(1), "state_dict": sd}, tmp_path / "moved.pth", _use_new_zipfile_serialization=False)
+    module = Opaque.__module__.encode()
+    gone = (b"gone_" + b"x" * len(module))[: len(module)]  # same length: the pickle stays well-formed
+    (tmp_path / "moved.pth").write_bytes((tmp_path / "moved.pth").read_bytes().replace(module, gone))
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="objects whose code is not installed here"):
+        load_authors_checkpoint(tmp_path / "moved.pth", trust_pickle=True)
+    with pytest.raises(FileNotFoundError, match="is a folder"):
+        load_authors_checkpoint(tmp_path)
+
+
+def load_convert_script():
+    path = REPO / "examples" / "convert_authors_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("convert_example3", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script

@@ -564,6 +564,24 @@ def test_load_imagefolder_lt(tmp_path):
         load_imagefolder_lt(base / "train")
 
 
+
+def test_imagefolder_images_without_any_class_folder_are_named(tmp_path):
+    """Images directly in train/ with no class folders: the message said "beside class folders" (there are none)."""
+    for i in range(3):
+        _write_png(tmp_path / "train" / f"{i}.png", COLOURS[0])
+        _write_png(tmp_path / "test" / "ant" / f"{i}.png", COLOURS[0])
+    with pytest.raises(ValueError) as err:
+        load_imagefolder_lt(tmp_path / "train", tmp_path / "test", flag_prefix="--")
+    message = str(err.value)
+    assert "holds 3 image(s) directly (e.g. 0.png) and no class folders" in message
+    assert f"{tmp_path / 'train'}/<class name>/0.png" in message and "beside" not in message
+    # Beside class folders, the message names them.
+    _write_png(tmp_path / "train" / "ant" / "0.png", COLOURS[0])
+    _write_png(tmp_path / "train" / "bee" / "0.png", COLOURS[1])
+    with pytest.raises(ValueError, match=r"directly \(e\.g\. 0\.png\) beside class folders \(ant, bee\)"):
+        load_imagefolder_lt(tmp_path / "train", tmp_path / "test", flag_prefix="--")
+
+
 # ----------------------------------------------------------------------------------------------- CIFAR-100 helpers
 
 

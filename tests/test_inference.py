@@ -3,6 +3,7 @@
 import csv
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -340,3 +341,49 @@ def test_load_classifier_checks_everything_before_touching_a_passed_model(saved,
         with pytest.raises(ValueError, match=message):
             load_classifier(candidate, path / "adapter", device="cpu")
         assert_unchanged(wrapped, before)
+
+
+def test_predict_script_names_an_unwritable_output_flag_before_classifying(saved, tmp_path, capsys, monkeypatch):
+    """Before: --json_out /nonexist/x.json failed after classifying, with a message that did not name the flag."""
+    path, _ = saved
+    PIL.Image.new("RGB", (20, 20), (10, 200, 10)).save(tmp_path / "green.png")
+    predict = load_script("predict")
+    common = [str(tmp_path / "green.png"), "--adapter", str(path / "adapter"), "--base", str(path / "base")]
+    common += ["--device", "cpu"]
+    loaded = []
+    monkeypatch.setattr(predict, "load_classifier", lambda *a, **k: loaded.append(a) or pytest.fail("loaded"))
+    cases = [
+        ("--json_out", str(tmp_path / "nonexist" / "x.json"), "the folder .*nonexist does not exist"),
+        ("--csv_out", str(tmp_path / "nonexist" / "x.csv"), "the folder .*nonexist does not exist"),
+        ("--json_out", str(tmp_path), "is a folder"),
+    ]
+    for flag, target, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            predict.main([*common, flag, target])
+        error = capsys.readouterr().err
+        assert exit_info.value.code == 2 and error.startswith(f"error: {flag} {target}"), error
+        assert re.search(message, error) and "Traceback" not in error
+    assert not loaded and not (tmp_path / "nonexist").exists()
+
+
+def test_predict_script_names_the_flag_when_writing_fails(saved, tmp_path, capsys, monkeypatch):
+    """A write that fails after the check (a full disk): the flag, the path and the cause, exit 2."""
+    import builtins
+
+    path, _ = saved
+    PIL.Image.new("RGB", (20, 20), (10, 200, 10)).save(tmp_path / "green.png")
+    predict = load_script("predict")
+    real_open = builtins.open
+
+    def full_disk(file, mode="r", *args, **kwargs):
+        if str(file).endswith("x.json") and "w" in mode:
+            raise OSError(28, "No space left on device")
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main([str(tmp_path / "green.png"), "--adapter", str(path / "adapter"), "--base", str(path / "base"),
+                      "--device", "cpu", "--json_out", str(tmp_path / "x.json")])  # fmt: skip
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"--json_out {tmp_path / 'x.json'}: cannot write" in error
+    assert "No space left on device" in error

@@ -243,3 +243,121 @@ def test_train_script_names_its_flags_when_the_backbone_refuses_the_image_size(t
         load_script("train_lpt").main([*common, "--model_name_or_path", "./missing", "--image_size", "16"])
     error = capsys.readouterr().err
     assert "Base './missing', which is not a folder here" in error and "--model_name_or_path" in error
+
+
+# ------------------------------------------------------------------------------- evaluate_lpt.py for every data set
+def _image_folders(root, train=(5, 3, 2), test=2):
+    """Three classes of flat-coloured 8 px PNGs in train/<class>/ and test/<class>/ (a long tail 5/3/2)."""
+    import PIL.Image
+
+    colours = [(250, 10, 10), (10, 250, 10), (10, 10, 250)]
+    for c, name in enumerate(("ant", "bee", "cow")):
+        for split, n in (("train", train[c]), ("test", test)):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                shade = tuple(max(0, v - 20 * i) for v in colours[c])
+                PIL.Image.new("RGB", (8, 8), shade).save(root / split / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def imagefolder_run(tmp_path_factory):
+    """A finished two-phase run on 3-class image folders (the class count is not the synthetic default of 10)."""
+    from lpt_peft.training.arguments import LPTTrainingArguments
+    from lpt_peft.training.run import run_training
+
+    root = _image_folders(tmp_path_factory.mktemp("folders"))
+    args = LPTTrainingArguments(
+        dataset="imagefolder", train_dir=str(root / "train"), test_dir=str(root / "test"),
+        model_name_or_path="tiny-random", image_size=32, batch_size=4, num_groups=3, shared_layers=2,
+        num_workers=0, report_to="none", epochs_phase1=1, epochs_phase2=1, max_steps_per_epoch=2,
+        learning_rate=0.5, output_dir=str(root / "out"),
+    )  # fmt: skip
+    run_training(args)
+    return root, json.loads((root / "out" / "results.json").read_text())
+
+
+@pytest.mark.parametrize("phase", [1, 2])
+def test_evaluate_script_reproduces_an_imagefolder_run_from_the_adapter(imagefolder_run, phase, tmp_path, capsys):
+    """Before: "--num_classes 3 does not apply to --dataset imagefolder" (a flag the user never passed)."""
+    from lpt_peft.inference import adapter_record
+
+    root, rows = imagefolder_run
+    adapter = root / "out" / f"phase{phase}"
+    argv = ["--adapter", str(adapter), "--num_workers", "0"]
+    if "train_dir" not in adapter_record(adapter):  # folders not recorded by the run: the user names them
+        argv += ["--train_dir", str(root / "train"), "--test_dir", str(root / "test")]
+    result = load_script("evaluate_lpt").main([*argv, "--json_out", str(tmp_path / "r.json")])
+    expected = rows[f"LPT phase {phase}"]
+    for group in ("overall", "many", "medium", "few"):  # results.json writes an empty group's NaN as null
+        value = None if result[group] != result[group] else result[group]
+        assert value == pytest.approx(expected[group], abs=1e-9), group
+    assert expected["overall"] is not None and expected["few"] is not None
+    assert len(result["per_class"]) == 3 and result["phase"] == phase
+
+
+def _adapter_with_card(folder, dataset, data):
+    vit = load_backbone("tiny-random", image_size=16, attn_implementation="eager")
+    model = get_peft_model(vit, lpt_peft.LPTConfig(num_labels=4, shared_layers=2, num_groups=3))
+    model.base_model.card_info = {"dataset": dataset, "preprocessing": {"image_size": 16}, "data": data}
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_evaluate_script_keeps_a_recorded_hub_data_set_and_only_its_options(tmp_path, capsys):
+    """A Hub id was dropped (`not in DATASETS`); a class count reached data sets that refuse --num_classes."""
+    from lpt_peft.training.arguments import parse_training_args
+
+    evaluate = load_script("evaluate_lpt")
+    data = {"image_column": "img", "long_tail_profile": "exponential", "n_max": 50, "imbalance": 5.0}
+    adapter = _adapter_with_card(tmp_path / "hub", "someone/flowers", data)
+    flags = evaluate.recorded_flags(str(adapter), [])
+    args = parse_training_args(flags)  # nothing recorded is refused for this data set
+    assert (args.dataset, args.image_column, args.long_tail_profile, args.n_max) == ("someone/flowers", "img",
+                                                                                       "exponential", 50)
+    assert "--num_classes" not in flags  # adapter_config's num_labels=4 is not an option of a Hub data set
+    # Another data set on the command line: the options recorded for this one are not carried over to it.
+    flags = evaluate.recorded_flags(str(adapter), ["--dataset", "synthetic"])
+    assert not {"--dataset", "--image_column", "--n_max", "--num_classes"} & set(flags)
+    assert "--image_size" in flags  # the preprocessing is the adapter's, whatever the data
+    # The same data set on the command line: its recorded options still apply.
+    flags = evaluate.recorded_flags(str(adapter), ["--dataset=someone/flowers"])
+    assert "--image_column" in flags and "--dataset" not in flags
+
+
+def test_evaluate_script_refuses_a_recorded_data_set_it_does_not_know(tmp_path, capsys):
+    adapter = _adapter_with_card(tmp_path / "custom", "my_private_set", {"n_max": 50})
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("evaluate_lpt").main(["--adapter", str(adapter)])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "trained on data set 'my_private_set'" in error
+    assert "--dataset" in error and "Traceback" not in error
+
+
+def test_evaluate_script_names_a_recorded_folder_that_is_not_here(tmp_path, monkeypatch, capsys):
+    """Image folders recorded by the run, moved since (or relative to another directory): the flag to pass."""
+    adapter = _adapter_with_card(tmp_path / "a", "imagefolder", {"train_dir": "data/train", "test_dir": "data/test"})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("evaluate_lpt").main(["--adapter", str(adapter)])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "records --train_dir data/train from its training run" in error
+    assert "a relative path" in error and "Pass --train_dir" in error
+
+
+def test_evaluate_script_needs_no_data_flag_when_the_folders_are_recorded(imagefolder_run, tmp_path):
+    """A run records its image folders (absolute paths) in the card's `lpt_data`: `--adapter` alone evaluates."""
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    root, rows = imagefolder_run
+    adapter = tmp_path / "phase2"
+    shutil.copytree(root / "out" / "phase2", adapter)
+    card = ModelCard.load(adapter / "README.md")
+    card.data["lpt_data"] = {"train_dir": str(root / "train"), "test_dir": str(root / "test"), "val_dir": None,
+                             "verify_images": False, "max_test_per_class": None}  # fmt: skip
+    card.save(adapter / "README.md")
+    result = load_script("evaluate_lpt").main(["--adapter", str(adapter), "--num_workers", "0"])
+    assert result["overall"] == pytest.approx(rows["LPT phase 2"]["overall"], abs=1e-9)
+    assert result["few"] == pytest.approx(rows["LPT phase 2"]["few"], abs=1e-9)

@@ -557,10 +557,16 @@ def _check_class_folder_layout(split: str, directory: Path, flag: str) -> dict[s
                 f"{folder}/ or make each subfolder a class folder of {directory}."
             )
         counts[folder.name] = len(images)
+    if loose and not counts:  # no class folders at all: the images' class is unknown
+        raise ValueError(
+            f"{flag} {directory} holds {len(loose)} image(s) directly (e.g. {loose[0]}) and no class folders; the "
+            f"class of an image is the folder it sits in. Move each class's images into a folder named after the "
+            f"class, e.g. {directory}/<class name>/{loose[0]}."
+        )
     if loose:
         raise ValueError(
-            f"{flag} {directory} holds {len(loose)} image(s) directly (e.g. {loose[0]}) beside class folders; every "
-            f"image must be in a class folder. {fix}"
+            f"{flag} {directory} holds {len(loose)} image(s) directly (e.g. {loose[0]}) beside class folders "
+            f"({', '.join(list(counts)[:3])}); every image must be in a class folder. {fix}"
         )
     if not counts:
         raise ValueError(f"No class subfolders found in {directory} ({flag}). {fix}")

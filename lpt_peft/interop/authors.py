@@ -12,8 +12,12 @@ part is mapped by the timm converter ([`lpt_peft.interop.timm`]).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import os
+import re
 import shutil
+import uuid
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -77,20 +81,113 @@ def _safe_globals() -> list:
     return types
 
 
+# Refusals of torch's weights-only unpickler that mean "this pickle builds Python objects beyond tensors" (torch 2.x
+# `_weights_only_unpickler`: a global not allow-listed or blocked, an object it may not construct or fill).
+_OBJECT_REFUSALS = ("Unsupported global", "is blocked", "Can only ", "must be imported to load")
+
+
+def _damaged(path: Path, cause: BaseException) -> ValueError:
+    detail = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else type(cause).__name__
+    if "WeightsUnpickler error:" in str(cause):  # torch's advice around the cause is about unsafe loading
+        detail = str(cause).split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0][:200]
+    return ValueError(
+        f"The file is damaged or not a PyTorch checkpoint: {path} ({detail}). A torch.save file is a zip archive "
+        "(or a legacy torch pickle) written in full; check that the download or copy is complete and that this is "
+        "the .pth file (e.g. LPT_places.pth)."
+    )
+
+
+def _torch_pickle_protocol(path: Path) -> int | None:
+    """The pickle protocol of a complete `torch.save` file, or None if `path` does not have that layout.
+
+    Read without unpickling anything: a zip archive with a `data.pkl` member (torch >= 1.6), or a legacy file that
+    starts with torch's pickled magic number.
+    """
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                names = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+                head = archive.open(names[0]).read(2) if names else b""
+            return head[1] if len(head) == 2 and head[0] == 0x80 else (1 if head else None)
+        protocol = 1
+        with open(path, "rb") as handle:
+            for opcode, arg, _ in itertools.islice(pickletools.genops(handle), 4):
+                protocol = arg if opcode.name == "PROTO" else protocol
+                if opcode.name.startswith("LONG") and arg == torch.serialization.MAGIC_NUMBER:
+                    return protocol
+    except (ValueError, EOFError, KeyError, zipfile.BadZipFile, RuntimeError):
+        return None
+    return None
+
+
+def _load_unsafe(path: Path, err: Exception, trust_pickle: bool) -> Any:
+    """After the safe load failed with `err`: refuse a damaged file, explain the choice, or unpickle in full."""
+    import pickle
+
+    protocol = _torch_pickle_protocol(path)
+    if protocol is None or not isinstance(err, pickle.UnpicklingError):
+        raise _damaged(path, err) from err
+    message = str(err)
+    if any(refusal in message for refusal in _OBJECT_REFUSALS):
+        found = re.search(r"GLOBAL (\S+)", message)
+        detail = found.group(1) if found else message.split("WeightsUnpickler error:", 1)[-1].strip()[:200]
+        reason = f"it holds Python objects beyond tensors ({detail.splitlines()[0]})"
+    elif "Unsupported operand" in message and protocol > 2:
+        reason = f"it was pickled with protocol {protocol}, which torch's safe loader does not read"
+    else:
+        raise _damaged(path, err) from err
+    if not trust_pickle:
+        quoted = f"{str(path)!r} cannot be loaded safely (torch.load with weights_only=True): {reason}."
+        raise LPTUsageError(
+            quoted.replace("{", "{{").replace("}", "}}") + " Loading it in full runs code stored in the file. If you "
+            "trust its source, pass {trust_pickle}.",
+            trust_pickle="trust_pickle=True",
+        ) from err
+    warnings.warn(
+        f"Loading {str(path)!r} with torch.load(weights_only=False) ({reason}): unpickling executes code stored in "
+        "the file. Do this only for files from a source you trust.",
+        stacklevel=3,
+    )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (ImportError, AttributeError) as missing:  # the objects' classes are not importable here
+        raise ValueError(
+            f"{str(path)!r} holds objects whose code is not installed here ({missing}); install the package that "
+            "defined them, or re-save the checkpoint as {'config': dict, 'state_dict': tensors} where it loads."
+        ) from missing
+    except Exception as broken:  # noqa: BLE001 - a complete-looking file that still does not unpickle
+        raise _damaged(path, broken) from broken
+
+
 def load_authors_checkpoint(
     path: str | os.PathLike, trust_pickle: bool = False
 ) -> tuple[dict[str, torch.Tensor], Any, Any]:
     """Load the authors' checkpoint file: returns `(state_dict, stored_config, val_acc)`.
 
     The file is first read with `torch.load(weights_only=True)` (tensors, plain containers, argparse namespaces and
-    numpy scalars only), which cannot run code. If the file holds other Python objects, that fails and the error
-    explains the choice: a full unpickle (`weights_only=False`) executes whatever code the file contains, so it only
-    happens with `trust_pickle=True`, and then with a warning.
+    numpy scalars only), which cannot run code. If a complete `torch.save` file fails that load only because it
+    holds other Python objects (or was pickled with a protocol the safe loader does not read), the error explains
+    the choice: a full unpickle (`weights_only=False`) executes whatever code the file contains, so it only happens
+    with `trust_pickle=True`, and then with a warning. A truncated, corrupt or non-torch file is reported as such,
+    with or without `trust_pickle`.
 
     Args:
         path: The `.pth` / `.pt` file.
-        trust_pickle: Allow the full (code-executing) unpickle when the safe load fails. Only for files from a
-            source you trust.
+        trust_pickle: Allow the full (code-executing) unpickle when the safe load fails for the reason above. Only
+            for files from a source you trust.
+
+    Returns:
+        `tuple`: the state dict (`{name: tensor}`, wrapper prefixes such as `module.` stripped), the stored config
+        (a `dict` when it was an `argparse.Namespace`, else as stored, `None` if absent) and the stored `val_acc`.
+
+    Raises:
+        FileNotFoundError: `path` does not exist, or is a folder.
+        ValueError: "damaged or not a PyTorch checkpoint: <path>" (truncated, corrupt or another kind of file); the
+            file holds Python objects and `trust_pickle` is false; the full unpickle needs a module that is not
+            installed; the file holds no state dict.
 
     Example:
 
@@ -101,27 +198,15 @@ def load_authors_checkpoint(
     ```
     """
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"Checkpoint {str(path)!r} is a folder; pass the .pth file itself.")
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint file {str(path)!r} does not exist.")
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError or AttributeError here
-        if not trust_pickle:
-            first_line = str(err).splitlines()[0][:300].replace("{", "{{").replace("}", "}}")
-            raise LPTUsageError(
-                f"{str(path)!r} cannot be loaded safely (torch.load with weights_only=True failed: {first_line}). It "
-                "holds Python objects beyond tensors, and loading those runs code stored in the file. If you trust "
-                "its source, pass {trust_pickle}.",
-                trust_pickle="trust_pickle=True",
-            ) from err
-        warnings.warn(
-            f"Loading {str(path)!r} with torch.load(weights_only=False): unpickling executes code stored in the "
-            "file. Do this only for files from a source you trust.",
-            stacklevel=2,
-        )
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-
+    except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, OSError, EOFError, ...
+        checkpoint = _load_unsafe(path, err, trust_pickle)
     stored_config, val_acc = None, None
     if isinstance(checkpoint, Mapping) and any(k in checkpoint for k in ("state_dict", "model")):
         state_dict = checkpoint["state_dict"] if "state_dict" in checkpoint else checkpoint["model"]
@@ -393,9 +478,34 @@ def _stored_top_k(stored_config: Any) -> int | None:
     return None
 
 
-def _check_output_dirs(base_dir: Path, adapter_dir: Path, overwrite: bool) -> None:
-    if base_dir.resolve() == adapter_dir.resolve():
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _check_output_dirs(checkpoint: Path, base_dir: Path, adapter_dir: Path, overwrite: bool) -> None:
+    """Refuse output folders that would destroy each other or the input, before anything is written.
+
+    Replacing a folder replaces everything inside it, so the two folders must be apart (neither inside the other)
+    and neither may hold the checkpoint being converted; a non-empty folder is replaced only with `overwrite`.
+    """
+    base, adapter, source = base_dir.resolve(), adapter_dir.resolve(), checkpoint.resolve()
+    if base == adapter:
         raise LPTUsageError(f"The base and adapter folders are the same ({str(base_dir)!r}); give two folders.")
+    pairs = ((adapter, base, "adapter", "base"), (base, adapter, "base", "adapter"))
+    for inner, outer, inner_name, outer_name in pairs:
+        if _within(inner, outer):
+            raise LPTUsageError(
+                f"The {inner_name} folder {str(inner)!r} is inside the {outer_name} folder {str(outer)!r}: writing "
+                f"the {outer_name} folder would replace it. Give two separate folders (e.g. <dir>/base and "
+                "<dir>/adapter); nothing was written."
+            )
+    for folder, resolved in ((base_dir, base), (adapter_dir, adapter)):
+        if _within(source, resolved):
+            raise LPTUsageError(
+                f"The output folder {str(folder)!r} holds the checkpoint being converted ({str(checkpoint)!r}); "
+                "writing it would delete the checkpoint. Choose an output folder that does not contain it; nothing "
+                "was written."
+            )
     for folder in (base_dir, adapter_dir):
         if folder.exists() and not folder.is_dir():
             raise LPTUsageError(f"{str(folder)!r} is a file, not a folder; choose another output folder.")
@@ -407,14 +517,32 @@ def _check_output_dirs(base_dir: Path, adapter_dir: Path, overwrite: bool) -> No
             )
 
 
+def _fresh_sibling(target: Path, tag: str) -> Path:
+    """A new empty folder beside `target` whose name no existing file or folder has (never a user's `x.old`)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    while True:  # mkdir (not mkdtemp) so the folder gets the usual permissions once it is renamed into place
+        folder = target.parent / f".{target.name}.{tag}-{uuid.uuid4().hex[:8]}"
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir()
+            return folder
+
+
 def _swap_in(staged: Path, target: Path) -> None:
     """Replace `target` by the finished folder `staged` (renames only, so a reader never sees half a folder)."""
-    old = target.with_name(target.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
     if target.exists():
+        old = _fresh_sibling(target, "old")
+        old.rmdir()  # os.replace needs a free name
         os.replace(target, old)
-    os.replace(staged, target)
-    shutil.rmtree(old, ignore_errors=True)
+        os.replace(staged, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staged, target)
+
+
+def _missing_parents(folders) -> list[Path]:
+    """The folders above `folders` that do not exist yet, deepest first (removed again if the conversion fails)."""
+    missing = {parent for folder in folders for parent in folder.resolve().parents if not parent.exists()}
+    return sorted(missing, key=lambda p: len(p.parts), reverse=True)
 
 
 def convert_authors_checkpoint(
@@ -454,13 +582,15 @@ def convert_authors_checkpoint(
         strict: Raise on unknown keys.
         base_model_name_or_path: What the adapter records as its base (default: the absolute path of `base_dir`).
             Set it to the Hub id if you will upload the converted base there.
-        overwrite: Replace non-empty output folders (default: refuse, so nothing is lost by a typo).
+        overwrite: Replace non-empty output folders (default: refuse, so nothing is lost by a typo). Folders inside
+            one another or holding `checkpoint` are refused even so.
         shared_layers / num_groups / group_prompt_length: Phase-1 files only; see [`authors_state_dict_to_lpt`].
 
     Raises:
         FileNotFoundError: the checkpoint does not exist.
-        ValueError: unreadable or unsafe file, missing keys or wrong shapes (named), unknown keys with
-            `strict=True`, or non-empty output folders without `overwrite`.
+        ValueError: a damaged or unsafe file (see [`load_authors_checkpoint`]), missing keys or wrong shapes (named),
+            unknown keys with `strict=True`, output folders inside one another or holding the checkpoint, or
+            non-empty output folders without `overwrite`; all before anything is written.
 
     Example:
 
@@ -476,7 +606,7 @@ def convert_authors_checkpoint(
     ```
     """
     base_dir, adapter_dir = Path(base_dir), Path(adapter_dir)
-    _check_output_dirs(base_dir, adapter_dir, overwrite)
+    _check_output_dirs(Path(checkpoint), base_dir, adapter_dir, overwrite)
     state_dict, stored_config, val_acc = load_authors_checkpoint(checkpoint, trust_pickle=trust_pickle)
     top_k = top_k if top_k is not None else (_stored_top_k(stored_config) or 2)
     base_name = base_model_name_or_path or str(base_dir.resolve())
@@ -484,23 +614,39 @@ def convert_authors_checkpoint(
     pool_options = dict(shared_layers=shared_layers, num_groups=num_groups, group_prompt_length=group_prompt_length)
     lpt_config = _checked_lpt_config(parts, top_k, id2label, pool_options)
 
-    staged = [folder.with_name(f"{folder.name}.partial") for folder in (base_dir, adapter_dir)]
+    model = _write_into_place(
+        (base_dir, adapter_dir),
+        lambda staged: _write_staged(parts, lpt_config, base_name, staged, checkpoint, val_acc, dataset),
+    )
+    return ConvertedCheckpoint(model, base_dir, adapter_dir, stored_config, val_acc, phase=parts.phase)
+
+
+def _write_into_place(targets: tuple[Path, Path], write):
+    """`write(staged_folders)` into fresh folders beside `targets`, then rename them into place.
+
+    A failure leaves neither staged folders nor parent folders it created behind.
+    """
+    created = _missing_parents(targets)
+    staged: list[Path] = []
     try:
-        model = _write_staged(parts, lpt_config, base_name, staged, checkpoint, val_acc, dataset)
-        for folder, target in zip(staged, (base_dir, adapter_dir)):
+        staged = [_fresh_sibling(folder, "partial") for folder in targets]
+        result = write(staged)
+        for folder, target in zip(staged, targets):
             _swap_in(folder, target)
+        created = []
     finally:
         for folder in staged:
             shutil.rmtree(folder, ignore_errors=True)
-    return ConvertedCheckpoint(model, base_dir, adapter_dir, stored_config, val_acc, phase=parts.phase)
+        for folder in created:  # a failed conversion leaves no empty folders behind either
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+    return result
 
 
 def _write_staged(parts: _AuthorsParts, lpt_config, base_name: str, staged, checkpoint, val_acc, dataset):
     from lpt_peft.inference import save_preprocessing
 
     base_tmp, adapter_tmp = staged
-    for folder in staged:
-        shutil.rmtree(folder, ignore_errors=True)
     image_size = parts.vit.config.image_size
     preprocessing = {"image_size": image_size, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
     # The backbone is saved before the prompts are injected, so its folder holds plain ViT weights only.

@@ -145,11 +145,14 @@ def _data_options(args: LPTTrainingArguments) -> dict[str, Any]:
     from lpt_peft.data.registry import dataset_options_from_args
 
     options = dataset_options_from_args(args)
-    return {
-        k: os.fspath(v) if isinstance(v, os.PathLike) else v
-        for k, v in options.items()
-        if k not in _NOT_DATA_DEFINING
-    }
+    return {k: _absolute_if_local(v) for k, v in options.items() if k not in _NOT_DATA_DEFINING}
+
+
+def _absolute_if_local(value: Any) -> Any:
+    """A local file or folder as an absolute path, so the record holds from any working directory."""
+    if isinstance(value, (str, os.PathLike)) and os.path.exists(value):
+        return os.path.abspath(value)
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
 def _report_phase(model, name: str, result, best, data, args) -> dict[str, dict[str, Any]]:
