@@ -124,21 +124,27 @@ def plot_per_class_accuracy(
     _draw_accuracy_curves(ax, x, series, order)
     _mark_shot_groups(ax, sorted_counts, many_threshold, few_threshold)
 
-    finite = np.concatenate([v[np.isfinite(v)] for v in series.values()])
-    top = 100.0 if finite.size == 0 or finite.max() > 1.0 else 1.0  # percent or fraction
-    ax.set_ylim(-0.02 * top, 1.02 * top)
-    ax.set_xlim(-0.5, num_classes - 0.5)
-    ax.set_ylabel("accuracy (%)" if top == 100.0 else "accuracy")
-    if class_names is not None and num_classes <= _MAX_NAMED_TICKS:
-        ax.set_xticks(x)
-        ax.set_xticklabels([str(class_names[i]) for i in order], rotation=90, fontsize=7)
-        ax.set_xlabel("class (sorted by training images, most to fewest)")
-    else:
-        ax.set_xlabel(f"class rank by training images (0 = most; {num_classes} classes)")
+    _label_axes(ax, series, order, class_names)
     ax.legend(loc="lower left", fontsize=8, framealpha=0.9)
     if title:
         fig.suptitle(title)
     return _save_png(fig, path)
+
+
+def _label_axes(ax, series: Mapping[str, np.ndarray], order: np.ndarray, class_names) -> None:
+    """Accuracy axis in percent or fraction (whichever the values are), class axis by name when there are few."""
+    num_classes = len(order)
+    finite = np.concatenate([v[np.isfinite(v)] for v in series.values()])
+    top = 100.0 if finite.size == 0 or finite.max() > 1.0 else 1.0
+    ax.set_ylim(-0.02 * top, 1.02 * top)
+    ax.set_xlim(-0.5, num_classes - 0.5)
+    ax.set_ylabel("accuracy (%)" if top == 100.0 else "accuracy")
+    if class_names is not None and num_classes <= _MAX_NAMED_TICKS:
+        ax.set_xticks(np.arange(num_classes))
+        ax.set_xticklabels([str(class_names[i]) for i in order], rotation=90, fontsize=7)
+        ax.set_xlabel("class (sorted by training images, most to fewest)")
+    else:
+        ax.set_xlabel(f"class rank by training images (0 = most; {num_classes} classes)")
 
 
 def _accuracy_series(per_class_accuracy, label: str, compare, num_classes: int) -> dict[str, np.ndarray]:
