@@ -16,9 +16,8 @@ record, and the adapter's record wins over a --config file. Accepts the data and
 import json
 import os
 import sys
-from pathlib import Path
 
-from lpt_peft.cli import TRAINING_FLAGS, LPTUsageError, cli_entry
+from lpt_peft.cli import TRAINING_FLAGS, LPTUsageError, check_output_file, cli_entry, write_output_file
 from lpt_peft.data.registry import dataset_options, resolve_dataset
 from lpt_peft.evaluation.metrics import format_results_table
 from lpt_peft.inference import adapter_record
@@ -39,29 +38,6 @@ def main(argv=None) -> dict:
         summary = {k: result[k] for k in ("overall", "many", "medium", "few", "per_class", "phase")}
         write_output_file(json_out, "--json_out", lambda handle: json.dump(summary, handle))
     return result
-
-
-def check_output_file(path: str | None, flag: str) -> None:
-    """Refuse an output file that cannot be written, before any work is done (the error names `flag`)."""
-    if path is None:
-        return
-    target = Path(path)
-    if target.is_dir():
-        raise LPTUsageError(f"{flag} {path} is a folder; give a file name inside it, e.g. {target / 'out.json'}.")
-    parent = target.parent
-    if not parent.is_dir():
-        raise LPTUsageError(f"{flag} {path}: the folder {parent} does not exist; create it or choose another path.")
-    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise LPTUsageError(f"{flag} {path}: permission denied; choose a path you can write.")
-
-
-def write_output_file(path: str, flag: str, write) -> None:
-    """`write(handle)` into `path`; an I/O error (e.g. a full disk) names `flag`, the path and the cause."""
-    try:
-        with open(path, "w", newline="") as handle:
-            write(handle)
-    except OSError as err:
-        raise LPTUsageError(f"{flag} {path}: cannot write the file ({err.strerror or err}).") from None
 
 
 def recorded_flags(adapter: str, argv: list[str]) -> list[str]:

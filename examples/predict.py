@@ -17,12 +17,11 @@ warning, listed with its error in the JSON / CSV output, and the other images ar
 import argparse
 import csv
 import json
-import os
 import sys
 from pathlib import Path
 
 import lpt_peft  # noqa: F401  (registers LPT with peft)
-from lpt_peft.cli import LPTUsageError, cli_entry
+from lpt_peft.cli import check_output_file, cli_entry, write_output_file
 from lpt_peft.inference import load_classifier
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -72,29 +71,6 @@ def collect_images(paths: list[str], recursive: bool) -> list[str]:
         else:
             raise FileNotFoundError(f"{entry!r} is neither an image file nor a folder.")
     return files
-
-
-def check_output_file(path: str | None, flag: str) -> None:
-    """Refuse an output file that cannot be written, before any work is done (the error names `flag`)."""
-    if path is None:
-        return
-    target = Path(path)
-    if target.is_dir():
-        raise LPTUsageError(f"{flag} {path} is a folder; give a file name inside it, e.g. {target / 'out.json'}.")
-    parent = target.parent
-    if not parent.is_dir():
-        raise LPTUsageError(f"{flag} {path}: the folder {parent} does not exist; create it or choose another path.")
-    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise LPTUsageError(f"{flag} {path}: permission denied; choose a path you can write.")
-
-
-def write_output_file(path: str, flag: str, write) -> None:
-    """`write(handle)` into `path`; an I/O error (e.g. a full disk) names `flag`, the path and the cause."""
-    try:
-        with open(path, "w", newline="") as handle:
-            write(handle)
-    except OSError as err:
-        raise LPTUsageError(f"{flag} {path}: cannot write the file ({err.strerror or err}).") from None
 
 
 @cli_entry(flags={"base_model": "--base", "image_size": "--image_size", "on_error": "--skip_bad"})

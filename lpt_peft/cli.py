@@ -23,6 +23,7 @@ import functools
 import os
 import sys
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 __all__ = ["TRAINING_FLAGS", "USER_ERRORS", "LPTUsageError", "cli_entry", "format_error"]
@@ -122,3 +123,26 @@ def cli_entry(flags: Mapping[str, str] | None = None) -> Callable[[Callable[...,
         return wrapper
 
     return decorate
+
+
+def check_output_file(path: str | None, flag: str) -> None:
+    """Refuse an output file that cannot be written, before any work is done (the error names `flag`)."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise LPTUsageError(f"{flag} {path} is a folder; give a file name inside it, e.g. {target / 'out.json'}.")
+    parent = target.parent
+    if not parent.is_dir():
+        raise LPTUsageError(f"{flag} {path}: the folder {parent} does not exist; create it or choose another path.")
+    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise LPTUsageError(f"{flag} {path}: permission denied; choose a path you can write.")
+
+
+def write_output_file(path: str, flag: str, write) -> None:
+    """`write(handle)` into `path`; an I/O error (e.g. a full disk) names `flag`, the path and the cause."""
+    try:
+        with open(path, "w", newline="") as handle:
+            write(handle)
+    except OSError as err:
+        raise LPTUsageError(f"{flag} {path}: cannot write the file ({err.strerror or err}).") from None
