@@ -200,7 +200,6 @@ class LPTAttention(nn.Module, LPTLayer):
 
         spec = self.attention_spec
         input_shape = hidden_states.shape[:-1]
-        batch = input_shape[0]
         head_dim = spec.get_head_dim(base)
         hidden_shape = (*input_shape, -1, head_dim)
         query = spec.projection(base, "query")(hidden_states).view(hidden_shape).transpose(1, 2)
