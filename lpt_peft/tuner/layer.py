@@ -152,11 +152,13 @@ class LPTAttention(nn.Module, LPTLayer):
         The token keys/values are projected straight into the rows of a buffer whose first P rows hold the prompts'
         (see [`_ProjectAfterPrompts`]): concatenating them afterwards would copy every token key and value once more
         per layer, which the GPU profile showed as 17% of phase-1 inference. A projection that is not a plain
-        `nn.Linear` (a wrapped or quantised one) is called as it is and its output concatenated.
+        `nn.Linear` (a wrapped or quantised one) is called as it is and its output concatenated. So is every
+        projection under `torch.compile`: Dynamo cannot trace an `out=` into a view (it would break the graph in
+        every layer), and Inductor already writes the inputs of a concatenation straight into its output.
         """
         projection = self.attention_spec.projection(self.base_layer, which)
         batch = context.shape[0]
-        if type(projection) is not nn.Linear:
+        if type(projection) is not nn.Linear or torch.compiler.is_compiling():
             tokens = projection(context)
             return torch.cat([rows.expand(batch, -1, -1).to(tokens.dtype) for rows in prompt_rows] + [tokens], dim=1)
         weight, bias = projection.weight, projection.bias
