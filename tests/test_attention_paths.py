@@ -121,8 +121,9 @@ def test_check_labels_does_not_read_device_labels(monkeypatch):
 
 @pytest.mark.parametrize("phase", [1, 2])
 def test_torch_compile_equals_eager_and_compiles_once(phase):
-    """`torch.compile(model)` (default mode; 10-15 s per phase on 2 cores): logits equal eager to 1e-5, one graph, no recompilation when phase 2's
-    per-image group choice changes from batch to batch (the choice is data, not a guard)."""
+    """`torch.compile(model)` (default mode; 10-15 s per phase on 2 cores): logits equal eager to 1e-5, one graph,
+    no recompilation when phase 2's per-image group choice changes from batch to batch (the choice is data, not a
+    guard)."""
     from torch._dynamo.utils import counters
 
     case = next(c for c in TEST_CASES if c.phase == phase and c.attn == "sdpa" and c.model_cls.__name__ == "ViTModel")
