@@ -45,6 +45,14 @@ for batch in 32 1; do
     "${BENCH[@]}" --batch-size "$batch" --configs frozen lpt_phase1 lpt_phase2 --json-out "$RESULTS/b$batch.json" \
         --markdown-out "$RESULTS/b$batch.md" 2>&1 | tee "$RESULTS/b$batch.log"
 done
+# 2b. The compiled probe: every configuration under torch.compile (default mode), B = 128 and 32. The floor is the
+#     faster of the eager (above) and compiled frozen ViT.
+for batch in 128 32; do
+    echo "gpu.sh: [2b/3] compiled, batch $batch"
+    "${BENCH[@]}" --batch-size "$batch" --compile --configs frozen lpt_phase1 lpt_phase2 \
+        --json-out "$RESULTS/b$batch-compiled.json" --markdown-out "$RESULTS/b$batch-compiled.md" \
+        2>&1 | tee "$RESULTS/b$batch-compiled.log"
+done
 # 3. The GPU smoke tests (written by another change; run when present).
 if [[ -x scripts/gpu_smoke.sh ]]; then
     echo "gpu.sh: [3/3] scripts/gpu_smoke.sh"
