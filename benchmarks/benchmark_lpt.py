@@ -33,6 +33,7 @@ python benchmarks/benchmark_lpt.py --preset gpu                      # ViT-B/16 
 python benchmarks/benchmark_lpt.py --preset gpu --device cpu --batch-size 2 --repeats 1 --warmup 1   # smoke test
 python benchmarks/benchmark_lpt.py --preset cpu --json-out results.json --markdown-out results.md
 python benchmarks/benchmark_lpt.py --preset cpu --profile lpt_phase2:infer   # torch.profiler table of one config
+python benchmarks/benchmark_lpt.py --preset gpu --batch-size 32 --compile   # every configuration torch.compile'd
 ```
 """
 
@@ -837,6 +838,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     parser.add_argument("--memory-repeats", type=int, help="Measured training steps per memory worker.")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="Time every configuration as torch.compile(system) (default mode); memory is then skipped.",
+    )
     parser.add_argument("--no-memory", action="store_true", help="Skip the per-configuration memory subprocesses.")
     parser.add_argument("--no-timing", action="store_true", help="Skip the timing rounds (memory and checks only).")
     parser.add_argument("--no-checks", action="store_true", help="Skip the equivalence and SDPA kernel checks.")
@@ -907,6 +913,11 @@ def run_benchmark(args: argparse.Namespace, settings: Settings) -> dict:
         )
     print(f"building {names} on {device} ...", flush=True)
     systems = build_systems(names, settings, device)
+    if args.compile:
+        # Compiled in place of the eager modules: the equivalence checks below then also cover the compiled path.
+        # The first calls (checks or warm-up rounds) pay the compilation.
+        systems = {n: torch.compile(s) for n, s in systems.items()}
+        results["compiled"] = True
     inputs = make_inputs(settings, device)
     results["trainable"] = {n: trainable_count(s) for n, s in systems.items()}
     results["layer_passes"] = {n: layer_passes(n, settings) for n in names}
@@ -926,7 +937,7 @@ def run_benchmark(args: argparse.Namespace, settings: Settings) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     results["memory"] = {}
-    if not args.no_memory:
+    if not args.no_memory and not args.compile:
         print("measuring training-step memory, one fresh subprocess per config ...", flush=True)
         results["memory"] = measure_memory(names, settings)
     results["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None

@@ -134,20 +134,41 @@ class LPTAttention(nn.Module, LPTLayer):
     def _active_prompt_adapter(self) -> str | None:
         return single_active_adapter(self.active_adapters, self.lpt_shared_prompt)
 
-    def _prompt_key_value(self, prompts: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of prompts `(..., P, D)` as `(batch or 1, heads, P, head_dim)`."""
+    def _prompt_key_value(self, prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of prompts `(P, D)` or `(batch, P, D)` as rows `(1 or batch, P, D)`."""
         normed = self.norm(prompts)
         if normed.dim() == 2:
             normed = normed.unsqueeze(0)
-        shape = (*normed.shape[:-1], -1, head_dim)
         spec = self.attention_spec
-        key = spec.projection(self.base_layer, "key")(normed).view(shape).transpose(1, 2)
-        value = spec.projection(self.base_layer, "value")(normed).view(shape).transpose(1, 2)
-        return key, value
+        return spec.projection(self.base_layer, "key")(normed), spec.projection(self.base_layer, "value")(normed)
 
     def group_prompts(self, adapter_name: str, group_indices: torch.Tensor) -> torch.Tensor:
         """Per-image group prompts `(batch, group_prompt_length, hidden)`: the mean of the selected groups."""
         return self.lpt_group_prompt[adapter_name][group_indices].mean(dim=1)
+
+    def _prompts_and_tokens(self, which: str, context: torch.Tensor, prompt_rows: list[torch.Tensor]) -> torch.Tensor:
+        """`[prompt rows; projection(context)]` as one `(batch, P + N, hidden)` tensor, without concatenating.
+
+        The token keys/values are projected straight into the rows of a buffer whose first P rows hold the prompts'
+        (see [`_ProjectAfterPrompts`]): concatenating them afterwards would copy every token key and value once more
+        per layer, which the GPU profile showed as 17% of phase-1 inference. A projection that is not a plain
+        `nn.Linear` (a wrapped or quantised one) is called as it is and its output concatenated. So is every
+        projection under `torch.compile`: Dynamo cannot trace an `out=` into a view (it would break the graph in
+        every layer), and Inductor already writes the inputs of a concatenation straight into its output.
+        """
+        projection = self.attention_spec.projection(self.base_layer, which)
+        batch = context.shape[0]
+        if type(projection) is not nn.Linear or torch.compiler.is_compiling():
+            tokens = projection(context)
+            return torch.cat([rows.expand(batch, -1, -1).to(tokens.dtype) for rows in prompt_rows] + [tokens], dim=1)
+        weight, bias = projection.weight, projection.bias
+        dtype = _compute_dtype(context)
+        # `out=` matmuls are exempt from autocast, so cast to the dtype autocast would have given F.linear.
+        if weight.dtype != dtype:
+            weight = weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        prompt_rows = [rows if rows.dtype == dtype else rows.to(dtype) for rows in prompt_rows]
+        return _ProjectAfterPrompts.apply(context.to(dtype), weight, bias, *prompt_rows)
 
     def forward(
         self,
@@ -181,30 +202,25 @@ class LPTAttention(nn.Module, LPTLayer):
 
         spec = self.attention_spec
         input_shape = hidden_states.shape[:-1]
-        batch = input_shape[0]
         head_dim = spec.get_head_dim(base)
         hidden_shape = (*input_shape, -1, head_dim)
         query = spec.projection(base, "query")(hidden_states).view(hidden_shape).transpose(1, 2)
         # `lpt_context`: the layer runs for a few query rows only (the class token in the last layer of a pass),
         # while every token still serves as key and value, normalised by this layer's own pre-attention norm.
         context = hidden_states if lpt_context is None else self.norm(lpt_context)
-        context_shape = (*context.shape[:-1], -1, head_dim)
-        key = spec.projection(base, "key")(context).view(context_shape).transpose(1, 2)
-        value = spec.projection(base, "value")(context).view(context_shape).transpose(1, 2)
 
         dtype = hidden_states.dtype
-        prompt_key, prompt_value = self._prompt_key_value(self.lpt_shared_prompt[adapter].to(dtype), head_dim)
-        keys = [prompt_key.expand(batch, -1, -1, -1)]
-        values = [prompt_value.expand(batch, -1, -1, -1)]
+        shared = self.lpt_shared_prompt[adapter]
+        prompts = [self._prompt_key_value(shared if shared.dtype == dtype else shared.to(dtype))]
         if lpt_group_indices is not None and adapter in self.lpt_group_prompt:
-            group_key, group_value = self._prompt_key_value(
-                self.group_prompts(adapter, lpt_group_indices).to(dtype), head_dim
-            )
-            keys.append(group_key)
-            values.append(group_value)
-        num_prompts = sum(k.shape[2] for k in keys)
-        key = torch.cat([*keys, key], dim=2)
-        value = torch.cat([*values, value], dim=2)
+            prompts.append(self._prompt_key_value(self.group_prompts(adapter, lpt_group_indices).to(dtype)))
+        num_prompts = sum(key.shape[1] for key, _ in prompts)
+        # Keys and values as (batch, prompts + tokens, hidden) rows, prompts first; then split into heads.
+        key = self._prompts_and_tokens("key", context, [key for key, _ in prompts])
+        value = self._prompts_and_tokens("value", context, [value for _, value in prompts])
+        key_shape = (*key.shape[:-1], -1, head_dim)
+        key = key.view(key_shape).transpose(1, 2)
+        value = value.view(key_shape).transpose(1, 2)
         attention_mask = _pad_attention_mask(attention_mask, num_prompts)
 
         eager = spec.eager_attention or _eager_attention_of(base)
@@ -250,6 +266,65 @@ def single_active_adapter(active_adapters, available) -> str | None:
     return active[0] if active else None
 
 
+def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype `F.linear` would compute in for `tensor`: the autocast dtype inside an autocast region."""
+    device_type = tensor.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return tensor.dtype
+
+
+class _ProjectAfterPrompts(torch.autograd.Function):
+    """`cat([*prompt_rows, tokens @ weight.T + bias], dim=1)`, with the projection written in place into the buffer.
+
+    Forward: one `(batch, P + N, out)` buffer; the prompt rows `(1 or batch, P_i, out)` are copied in (P is 10-20
+    rows), and the tokens `(batch, N, in)` are projected by one batched matmul whose `out=` is the buffer's last N
+    rows, so the token keys/values are written once. `out=` ops do not record autograd history, hence this Function
+    and its backward, which is that of the linear layer and of the concatenation: the tokens get `grad @ weight`,
+    the weight `grad^T @ tokens`, the bias the summed rows, each prompt its rows (summed over the batch if broadcast).
+    """
+
+    @staticmethod
+    def forward(ctx, tokens, weight, bias, *prompt_rows):
+        batch, num_tokens, _ = tokens.shape
+        sizes = [rows.shape[1] for rows in prompt_rows]
+        num_prompts = sum(sizes)
+        out = tokens.new_empty(batch, num_prompts + num_tokens, weight.shape[0])
+        start = 0
+        for rows, size in zip(prompt_rows, sizes):
+            out[:, start : start + size] = rows
+            start += size
+        weight_t = weight.t().expand(batch, -1, -1)
+        if bias is None:
+            torch.bmm(tokens, weight_t, out=out[:, num_prompts:])
+        else:
+            torch.baddbmm(bias, tokens, weight_t, out=out[:, num_prompts:])
+        ctx.save_for_backward(tokens, weight)
+        ctx.sizes = sizes
+        ctx.prompt_batches = [rows.shape[0] for rows in prompt_rows]
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        tokens, weight = ctx.saved_tensors
+        num_prompts = sum(ctx.sizes)
+        grad_tokens_out = grad[:, num_prompts:]
+        grad_tokens = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_tokens = grad_tokens_out @ weight
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad_tokens_out.flatten(0, 1).t() @ tokens.flatten(0, 1)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_tokens_out.sum(dim=(0, 1))
+        grad_prompts, start = [], 0
+        for size, prompt_batch, needed in zip(ctx.sizes, ctx.prompt_batches, ctx.needs_input_grad[3:]):
+            rows = grad[:, start : start + size]
+            start += size
+            grad_prompts.append((rows.sum(0, keepdim=True) if prompt_batch == 1 else rows) if needed else None)
+        return grad_tokens, grad_weight, grad_bias, *grad_prompts
+
+
 def _pad_attention_mask(attention_mask, num_prompts: int):
     """Let every query attend to the prompts, which are prepended to the keys."""
     if attention_mask is None:
@@ -259,12 +334,12 @@ def _pad_attention_mask(attention_mask, num_prompts: int):
             f"LPT cannot extend an attention mask of type {type(attention_mask).__name__} with its prompts. Use "
             "attn_implementation='sdpa' or 'eager'."
         )
-    pad_shape = (*attention_mask.shape[:-1], num_prompts)
-    if attention_mask.dtype == torch.bool:
-        pad = torch.ones(pad_shape, dtype=torch.bool, device=attention_mask.device)
-    else:
-        pad = torch.zeros(pad_shape, dtype=attention_mask.dtype, device=attention_mask.device)
-    return torch.cat([pad, attention_mask], dim=-1)
+    # Prompt columns: True for a boolean mask, 0 for an additive one (the same value `new_zeros`/`new_ones` give).
+    shape = (*attention_mask.shape[:-1], num_prompts + attention_mask.shape[-1])
+    fill = True if attention_mask.dtype == torch.bool else 0
+    padded = attention_mask.new_full(shape, fill)
+    padded[..., num_prompts:] = attention_mask
+    return padded
 
 
 def _eager_attention_of(module: nn.Module) -> Callable:

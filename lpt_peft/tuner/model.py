@@ -585,16 +585,26 @@ def _query_rows(mask, row: int):
 
 
 def check_labels(labels: torch.Tensor, num_labels: int) -> None:
-    """Raise a clear error when a label is outside `[0, num_labels)`."""
+    """Raise a clear error when a label is outside `[0, num_labels)`.
+
+    On CPU the range is read and a ValueError names the bad label. On an accelerator, reading `labels.min()` would
+    make every training step wait for the device (a GPU->CPU sync); there the check is queued on the device with
+    `torch._assert_async`, which fails the run at the next synchronisation with the same message in the device
+    assertion (CUDA reports it as a device-side assert).
+    """
     if labels.numel() == 0:
+        return
+    message = (
+        f"Label out of range for num_labels={num_labels} (valid: 0..{num_labels - 1}). Check that the data set's "
+        "label count matches LPTConfig.num_labels."
+    )
+    if labels.device.type != "cpu":
+        torch._assert_async(((labels >= 0) & (labels < num_labels)).all(), message)
         return
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= num_labels:
         bad = low if low < 0 else high
-        raise ValueError(
-            f"Label {bad} is out of range for num_labels={num_labels} (valid: 0..{num_labels - 1}). Check that the "
-            "data set's label count matches LPTConfig.num_labels."
-        )
+        raise ValueError(f"Label {bad} is out of range" + message[len("Label out of range") :])
 
 
 # ---------------------------------------------------------------------- checks before any change

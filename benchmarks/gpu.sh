@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Issue 11's GPU measurements in one command: the GPU benchmark preset (batch 128 and 32), a torch.profiler table of
+# each configuration, and scripts/gpu_smoke.sh. Results go to benchmarks/results/<UTC time>/ (or $RESULTS), which
+# is then pasted into docs/benchmarks.md. Refuses to run without a CUDA GPU.
+#
+#   benchmarks/gpu.sh                       # uses `python` (or $PYTHON)
+#   PYTHON=.venv/bin/python RESULTS=/tmp/gpu benchmarks/gpu.sh
+# On an offline GPU machine without the pinned peft/datasets/evaluate, install them first from wheels
+# (../shared/tools/gpu-wheels.sh).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_EVALUATE_OFFLINE=1
+RESULTS=${RESULTS:-benchmarks/results/$(date -u +%Y%m%dT%H%M%SZ)}
+
+if ! "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu.sh: no CUDA GPU visible to torch; these measurements need one (see docs/benchmarks.md)." >&2
+    exit 1
+fi
+mkdir -p "$RESULTS"
+echo "gpu.sh: results in $RESULTS"
+"$PYTHON" - > "$RESULTS/machine.txt" <<'PY'
+import platform, torch, transformers, peft
+print("GPU:", torch.cuda.get_device_name(0), "| torch", torch.__version__, "| CUDA", torch.version.cuda,
+      "| transformers", transformers.__version__, "| peft", peft.__version__, "| python", platform.python_version())
+PY
+cat "$RESULTS/machine.txt"
+nvidia-smi > "$RESULTS/nvidia-smi.txt" 2>&1 || true
+
+BENCH=("$PYTHON" benchmarks/benchmark_lpt.py --preset gpu)
+# 1. The preset at B = 128 with the profile of every configuration (CUDA self time, 3 inference calls; train too).
+PROFILES=()
+for config in frozen vpt_deep lpt_reference lpt_phase1 lpt_phase2; do
+    PROFILES+=(--profile "$config:infer")
+done
+PROFILES+=(--profile lpt_phase1:train --profile lpt_phase2:train)
+echo "gpu.sh: [1/3] preset, batch 128, with profiles"
+"${BENCH[@]}" --batch-size 128 "${PROFILES[@]}" --json-out "$RESULTS/b128.json" --markdown-out "$RESULTS/b128.md" \
+    2>&1 | tee "$RESULTS/b128.log"
+# 2. B = 32 and B = 1 (launch-bound), inference ratios; memory as a side product.
+for batch in 32 1; do
+    echo "gpu.sh: [2/3] preset, batch $batch"
+    "${BENCH[@]}" --batch-size "$batch" --configs frozen lpt_phase1 lpt_phase2 --json-out "$RESULTS/b$batch.json" \
+        --markdown-out "$RESULTS/b$batch.md" 2>&1 | tee "$RESULTS/b$batch.log"
+done
+# 2b. The compiled probe: every configuration under torch.compile (default mode), B = 128 and 32. The floor is the
+#     faster of the eager (above) and compiled frozen ViT.
+for batch in 128 32; do
+    echo "gpu.sh: [2b/3] compiled, batch $batch"
+    "${BENCH[@]}" --batch-size "$batch" --compile --configs frozen lpt_phase1 lpt_phase2 \
+        --json-out "$RESULTS/b$batch-compiled.json" --markdown-out "$RESULTS/b$batch-compiled.md" \
+        2>&1 | tee "$RESULTS/b$batch-compiled.log"
+done
+# 3. The GPU smoke tests (written by another change; run when present).
+if [[ -x scripts/gpu_smoke.sh ]]; then
+    echo "gpu.sh: [3/3] scripts/gpu_smoke.sh"
+    PYTHON="$PYTHON" OUT="$RESULTS/smoke" scripts/gpu_smoke.sh 2>&1 | tee "$RESULTS/smoke.log"
+else
+    echo "gpu.sh: [3/3] scripts/gpu_smoke.sh not present, skipped" | tee "$RESULTS/smoke.log"
+fi
+echo "gpu.sh: done; results in $RESULTS"
