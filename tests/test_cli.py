@@ -1,23 +1,13 @@
 """Every example script prints user errors as `error: <message>` naming its own flags, exit status 2, no traceback."""
 
-import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from testing_utils import REPO, load_script
 
 from lpt_peft.cli import TRAINING_FLAGS, LPTUsageError, cli_entry, format_error
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", REPO / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_script(name, *args, cwd):

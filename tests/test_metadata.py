@@ -1,6 +1,5 @@
 """What is saved describes what is stored: per-adapter cards, base references, built-in backbones, script defaults."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,21 +9,12 @@ import pytest
 import torch
 import transformers.utils.hub
 from peft import get_peft_model
-from testing_utils import randomize_adapter, tiny_vit_config
+from testing_utils import load_script, randomize_adapter, tiny_vit_config
 from transformers import ViTModel
 
 import lpt_peft
 from lpt_peft.backbones import load_backbone
 from lpt_peft.inference import load_classifier
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", REPO / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def card_facts(folder):

@@ -11,6 +11,7 @@ import torch
 from fault_injection import crash_at
 from peft import PeftModel
 from safetensors.torch import load_file
+from testing_utils import load_script
 
 from lpt_peft import LPTConfig
 from lpt_peft.backbones import tiny_random_vit
@@ -83,18 +84,9 @@ def test_both_phases_end_to_end_and_reload_reproduces_accuracy(tmp_path):
     assert "| LPT phase 2 |" in card and "synthetic" in card
     # From the adapter folder alone (COMMON's --n_max 40 / --imbalance 10 differ from the defaults), the evaluation
     # script rebuilds the same split and reproduces the reported numbers.
-    result = _evaluate_script().main(["--adapter", str(out / "phase2"), "--num_workers", "0"])
+    result = load_script("evaluate_lpt").main(["--adapter", str(out / "phase2"), "--num_workers", "0"])
     assert result["overall"] == pytest.approx(rows["LPT phase 2"]["overall"], abs=1e-9)
     assert result["few"] == pytest.approx(rows["LPT phase 2"]["few"], abs=1e-9)
-
-
-def _evaluate_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("evaluate_lpt", ROOT / "examples" / "evaluate_lpt.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_two_processes_train_both_phases(tmp_path):

@@ -306,3 +306,15 @@ def assert_params_equal(got: dict[str, torch.Tensor], expected: dict[str, torch.
     for name, tensor in expected.items():
         assert torch.equal(got[name], tensor), name
 
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    """Import `examples/<name>.py` as a module (the scripts are not a package), to call its `main(argv)`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"example_{name}", REPO / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
