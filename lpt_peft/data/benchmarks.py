@@ -21,6 +21,7 @@ from lpt_peft.data.long_tail import (
     count_labels,
     dataset_from_uint8_arrays,
     labels_as_numpy,
+    long_tail_from_splits,
     make_long_tailed,
 )
 from lpt_peft.data.registry import register_dataset
@@ -157,22 +158,8 @@ def _build_long_tail_dataset(
                 files = [f for f, ok in zip(files, readable) if ok]
                 labels = [label for label, ok in zip(labels, readable) if ok]
         built[split] = datasets.Dataset.from_dict({"image": files, "label": labels}, features=features)
-    train_counts = count_labels(labels_as_numpy(built["train"]), num_classes)
-    empty = [i for i, n in enumerate(train_counts) if n == 0]
-    if empty:
-        shown = ", ".join(f"{i} ({class_names[i]!r})" for i in empty[:10])
-        raise ValueError(
-            f"{len(empty)} class(es) have no training images: {shown}. Long-tailed training needs every class in "
-            "the training split; check the split files / `num_classes`."
-        )
-    return LongTailDataset(
-        train=built["train"],
-        val=built.get("val"),
-        test=built["test"],
-        num_classes=num_classes,
-        class_names=list(class_names),
-        train_class_counts=train_counts,
-        skipped_images=skipped,
+    return long_tail_from_splits(
+        built, list(class_names), skipped, hint="check the split files / `num_classes`"
     )
 
 

@@ -13,7 +13,12 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from lpt_peft.data.long_tail import LongTailDataset, count_labels, labels_as_numpy, make_long_tailed
+from lpt_peft.data.long_tail import (
+    LongTailDataset,
+    labels_as_numpy,
+    long_tail_from_splits,
+    make_long_tailed,
+)
 from lpt_peft.data.registry import HUB_BUILDER, register_dataset
 
 PROFILES = ("none", "exponential")
@@ -237,22 +242,6 @@ def load_hub_dataset(
         )
         if val is not None:
             built["val"] = val
-    return _long_tail_dataset(built, names)
+    return long_tail_from_splits(built, names)
 
 
-def _long_tail_dataset(built: dict[str, datasets.Dataset], names: list[str]) -> LongTailDataset:
-    counts = count_labels(labels_as_numpy(built["train"]), len(names))
-    empty = [names[i] for i, n in enumerate(counts) if n == 0]
-    if empty:
-        raise ValueError(
-            f"{len(empty)} class(es) have no training image: {empty[:10]}. LPT's loss, sampler and shot groups need "
-            "every class in the training split."
-        )
-    return LongTailDataset(
-        train=built["train"],
-        val=built.get("val"),
-        test=built["test"],
-        num_classes=len(names),
-        class_names=names,
-        train_class_counts=counts,
-    )

@@ -303,3 +303,32 @@ def dataset_from_uint8_arrays(
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(class_names))})
     table = pa.table({"image": image_column, "label": pa.array(labels)}).cast(features.arrow_schema)
     return datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=features))
+
+
+def long_tail_from_splits(
+    built: dict, class_names: Sequence[str], skipped_images: dict | None = None, hint: str = ""
+) -> LongTailDataset:
+    """A [`LongTailDataset`] from built `train` / `test` (and optional `val`) splits, its counts from `train`.
+
+    Raises:
+        ValueError: a class has no training image (LPT's loss, sampler and shot groups need every class); `hint`
+            says where to look.
+    """
+    counts = count_labels(labels_as_numpy(built["train"]), len(class_names))
+    empty = [i for i, n in enumerate(counts) if n == 0]
+    if empty:
+        shown = ", ".join(f"{i} ({class_names[i]!r})" for i in empty[:10])
+        raise ValueError(
+            f"{len(empty)} class(es) have no training images: {shown}. LPT's loss, sampler and shot groups need "
+            f"every class in the training split{'; ' + hint if hint else ''}."
+        )
+    extra = {"skipped_images": skipped_images} if skipped_images is not None else {}
+    return LongTailDataset(
+        train=built["train"],
+        val=built.get("val"),
+        test=built["test"],
+        num_classes=len(class_names),
+        class_names=list(class_names),
+        train_class_counts=counts,
+        **extra,
+    )
