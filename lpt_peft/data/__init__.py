@@ -29,6 +29,13 @@ from lpt_peft.data.long_tail import (
     long_tail_counts,
     make_long_tailed,
 )
+from lpt_peft.data.mnist import MNIST_CLASSES, load_mnist, mnist_lt
+from lpt_peft.data.mnist_family import (
+    ANIMAL_MNIST_CLASSES,
+    MNIST_FAMILY_CLASSES,
+    load_animal_mnist,
+    mnist_family_lt,
+)
 from lpt_peft.data.registry import (
     create_dataset,
     dataset_from_args,
@@ -42,7 +49,10 @@ from lpt_peft.data.synthetic import make_synthetic_long_tail
 from lpt_peft.data.transforms import LPTImageTransform, TransformedImageDataset, decode_image, to_rgb
 
 __all__ = [
+    "ANIMAL_MNIST_CLASSES",
     "FASHION_MNIST_CLASSES",
+    "MNIST_CLASSES",
+    "MNIST_FAMILY_CLASSES",
     "LPTImageTransform",
     "LongTailDataset",
     "TransformedImageDataset",
@@ -62,7 +72,9 @@ __all__ = [
     "list_datasets",
     "load_cifar100_lt",
     "load_fashion_mnist",
+    "load_animal_mnist",
     "load_fashion_mnist_lt",
+    "load_mnist",
     "load_hub_dataset",
     "load_imagefolder_lt",
     "load_imagenet_lt",
@@ -72,6 +84,8 @@ __all__ = [
     "long_tail_counts",
     "make_long_tailed",
     "make_synthetic_long_tail",
+    "mnist_family_lt",
+    "mnist_lt",
     "read_idx",
     "read_split_file",
     "register_dataset",
