@@ -16,7 +16,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["plot_group_usage", "plot_per_class_accuracy"]
+__all__ = ["plot_benchmark_bars", "plot_class_group_heatmap", "plot_group_usage", "plot_per_class_accuracy"]
 
 # Above this many classes tick labels overlap, so class names are not drawn.
 _MAX_NAMED_TICKS = 50
@@ -253,4 +253,90 @@ def plot_group_usage(
     ax.set_xlabel("prompt group")
     ax.set_ylabel("times selected")
     ax.set_title(title or f"Prompt group usage ({int(total)} selections)")
+    return _save_png(fig, path)
+
+
+def plot_class_group_heatmap(
+    counts: np.ndarray | Sequence[Sequence[int]],
+    path: str | os.PathLike,
+    class_names: Sequence[str] | None = None,
+    normalize: bool = True,
+    title: str | None = None,
+) -> Path:
+    """Heatmap of prompt-group selections per class (the paper's "statistic of prompt matching", LPT Fig. 4).
+
+    Args:
+        counts: `(C, G)` selection counts, e.g. from [`lpt_peft.evaluation.group_stats.class_group_counts`]; rows in
+            the order to draw (sort them by training count for a head-to-tail view).
+        path: Where the PNG goes.
+        class_names (`Sequence[str]`, *optional*): Row labels (drawn when at most 50 classes).
+        normalize (`bool`, defaults to `True`): Show each row's share of its class's selections instead of counts.
+        title (`str`, *optional*): Figure title.
+
+    Returns:
+        `Path` of the written PNG.
+
+    Raises:
+        ValueError: `counts` is not a non-empty 2-D array of non-negative numbers, or `class_names` has another length.
+    """
+    from lpt_peft.evaluation.group_stats import row_normalize
+
+    matrix = np.asarray(counts, dtype=np.float64)
+    if matrix.ndim != 2 or matrix.size == 0 or (matrix < 0).any():
+        raise ValueError(f"`counts` must be a non-empty (classes, groups) array of counts >= 0, got {matrix.shape}.")
+    if class_names is not None and len(class_names) != matrix.shape[0]:
+        raise ValueError(f"{len(class_names)} class names for {matrix.shape[0]} rows.")
+    shown = row_normalize(matrix) if normalize else matrix
+    num_classes, num_groups = shown.shape
+    fig = _new_figure(max(5.0, min(14.0, 2.0 + num_groups * 0.35)), max(3.5, min(14.0, 1.5 + num_classes * 0.22)))
+    ax = fig.add_subplot(1, 1, 1)
+    image = ax.imshow(shown, aspect="auto", cmap="viridis", interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="share of the class's selections" if normalize else "selections")
+    ax.set_xlabel("prompt group")
+    ax.set_ylabel("class")
+    ax.set_xticks(np.arange(num_groups) if num_groups <= 40 else np.arange(0, num_groups, max(1, num_groups // 20)))
+    if class_names is not None and num_classes <= _MAX_NAMED_TICKS:
+        ax.set_yticks(np.arange(num_classes), [str(name) for name in class_names], fontsize=7)
+    ax.set_title(title or "Prompt-group selections per class")
+    return _save_png(fig, path)
+
+
+def plot_benchmark_bars(
+    per_seed: Mapping[str, Mapping[str, Sequence[float]]],
+    path: str | os.PathLike,
+    metrics: Sequence[str] = ("overall", "few"),
+    title: str | None = None,
+) -> Path:
+    """Grouped bars of the median of each method per metric, with every seed's value as a dot.
+
+    Args:
+        per_seed: `{method: {metric: [value of each seed, ...]}}` (accuracy in %).
+        path: Where the PNG goes.
+        metrics (`Sequence[str]`, defaults to `("overall", "few")`): One bar group per metric.
+        title (`str`, *optional*): Figure title.
+
+    Returns:
+        `Path` of the written PNG.
+
+    Raises:
+        ValueError: `per_seed` is empty.
+    """
+    methods = list(per_seed)
+    if not methods:
+        raise ValueError("`per_seed` is empty: nothing to plot.")
+    width = 0.8 / len(methods)
+    fig = _new_figure(max(6.0, 1.2 * len(metrics) * len(methods)), 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    for m, method in enumerate(methods):
+        for k, metric in enumerate(metrics):
+            values = np.asarray([v for v in per_seed[method].get(metric, []) if v is not None], dtype=np.float64)
+            x = k + (m - (len(methods) - 1) / 2) * width
+            if values.size:
+                ax.bar(x, np.median(values), width * 0.9, color=f"C{m}", label=method if k == 0 else None)
+                ax.scatter(np.full(values.size, x), values, color="black", s=10, zorder=3)
+    ax.set_xticks(np.arange(len(metrics)), list(metrics))
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title(title or "Median over seeds (bars) and each seed (dots)")
     return _save_png(fig, path)
