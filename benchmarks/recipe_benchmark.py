@@ -21,8 +21,9 @@ config's value, so a changed default of the training code applies here unchanged
 
 Phase-2 ablations (`--ablations`, on `--ablation_set`, `--ablation_seeds` seeds): every variant starts phase 2 from
 the same seed's phase-1 adapter of the main run (`--phase 2 --init_from`), so only phase 2 differs:
-`no_group_prompts` and `random_groups` (lpt_peft.evaluation.ablations), `top_k_1`, `top_k_3`, `more_groups`
-(40 groups instead of 20), `longer_phase2` (3x the phase-2 epochs); "as shipped" is the main run's phase 2.
+`no_group_prompts` and `random_groups` (lpt_peft.evaluation.ablations) and `longer_phase2` (3x the phase-2
+epochs); `top_k_1`, `top_k_3` (top_k 2 is the shipped value) and `more_groups` (40 groups instead of 20) change the
+adapter's configuration, so they train phase 1 again (same seed). "As shipped" is the main run's phase 2.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -55,6 +57,7 @@ ABLATIONS = {
     "more_groups": ["--num_groups", "40"],
     "longer_phase2": ["--epochs_phase2", "9"],
 }
+CONFIG_VARIANTS = ("top_k_1", "top_k_3", "more_groups")
 CE, AGCL, P1, P2, BEST = (
     "Linear probe (CE)",
     "Linear probe (A-GCL, dual sampling)",
@@ -93,14 +96,21 @@ def training_argv(name: str, seed: int, run_dir: Path, quick: bool, extra: list[
 
 
 def variant_command(variant: str, argv: list[str], main_dir: Path) -> list[str]:
-    """The subprocess command of a variant: the example script, or the ablation entry starting from phase 1."""
+    """The subprocess command of a variant: the example script, or the ablation entry.
+
+    A variant that keeps the adapter's configuration starts phase 2 from the main run's phase-1 adapter; one that
+    changes it (`top_k`, `num_groups`: recorded in the adapter, so phase 2 cannot continue it) trains both phases.
+    """
+    script = [sys.executable, str(REPO / "examples" / "train_lpt.py")]
     if variant == "main":
-        return [sys.executable, str(REPO / "examples" / "train_lpt.py"), *argv]
-    phase2 = ["--phase", "2", "--init_from", str(main_dir / "phase1"), "--baselines", "none"]
+        return [*script, *argv]
     options = ABLATIONS[variant]
+    if variant in CONFIG_VARIANTS:
+        return [*script, *argv, "--baselines", "none", *options]
+    phase2 = ["--phase", "2", "--init_from", str(main_dir / "phase1"), "--baselines", "none"]
     if options[0] == "--ablation":
         return [sys.executable, "-m", "lpt_peft.evaluation.ablations", *options, "--", *argv, *phase2]
-    return [sys.executable, str(REPO / "examples" / "train_lpt.py"), *argv, *phase2, *options]
+    return [*script, *argv, *phase2, *options]
 
 
 def run_variant(name: str, seed: int, variant: str, args: argparse.Namespace) -> dict:
@@ -110,14 +120,21 @@ def run_variant(name: str, seed: int, variant: str, args: argparse.Namespace) ->
     command = variant_command(variant, training_argv(name, seed, run_dir, args.quick, args.extra), main_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    start = time.time()
+    start, cpu_start = time.time(), _children_cpu()
     with open(run_dir.parent / f"{variant}.log", "w") as log:
         done = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    wall = time.time() - start
+    wall, cpu = time.time() - start, _children_cpu() - cpu_start
     if done.returncode != 0:
-        raise RuntimeError(f"{name} seed {seed} {variant} failed (exit {done.returncode}); see {log.name}")
+        tail = "".join(Path(log.name).read_text().splitlines(keepends=True)[-5:])
+        raise RuntimeError(f"{name} seed {seed} {variant} failed (exit {done.returncode}); {log.name} ends:\n{tail}")
     rows = json.loads((run_dir / "results.json").read_text())
-    return {"rows": rows, "wall_s": round(wall, 1), "command": command[1:]}
+    return {"rows": rows, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "command": command[1:]}
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user + system) used by finished child processes: a load-independent cost measure."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def group_heatmap(name: str, seed: int, args: argparse.Namespace) -> dict:
@@ -255,8 +272,10 @@ def set_section(store: dict, name: str, seeds: list[int], output_dir: Path) -> l
         return []
     keys = [run_key(name, s, "main") for s in seeds]
     walls = [store["runs"][k]["wall_s"] + store["runs"][k].get("heatmap_s", 0) for k in keys if k in store["runs"]]
+    cpus = [store["runs"][k].get("cpu_s") for k in keys if k in store["runs"]]
     lines = [f"## {name}", "", f"{len(walls)} seed(s); wall time per (set, seed), all methods: "
-             f"{', '.join(f'{w:.0f} s' for w in walls)}.", ""]  # fmt: skip
+             f"{', '.join(f'{w:.0f} s' for w in walls)} (training CPU time {', '.join(_fmt(c) for c in cpus)} s).",
+             ""]  # fmt: skip
     lines += method_table(table, [CE, AGCL, P1, P2, BEST, *[k for k in table if k not in (CE, AGCL, P1, P2, BEST)]])
     lines += ["", *acceptance(table), ""]
     from lpt_peft.evaluation.plots import plot_benchmark_bars
