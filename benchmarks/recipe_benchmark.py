@@ -322,7 +322,9 @@ def ablation_section(store: dict, args: argparse.Namespace, output_dir: Path) ->
     seeds = args.ablation_seeds
     for method in ("phase 1 (for reference)", "phase 2 as shipped"):  # the seeds the ablations ran on
         table[method] = {k: v[:seeds] for k, v in table[method].items()}
-    lines = [f"## Phase-2 ablations on {name} ({seeds} seed(s); each starts from the same phase-1 adapter)", ""]
+    lines = [f"## Phase-2 ablations on {name} ({seeds} seed(s))", "", "no_group_prompts, random_groups and "
+             "longer_phase2 start from the main run's phase-1 adapter; top_k_1, top_k_3 and more_groups train phase 1 "
+             "again with the same seed (their adapter configuration differs).", ""]  # fmt: skip
     lines += method_table(table, list(table))
     from lpt_peft.evaluation.plots import plot_benchmark_bars
 
