@@ -28,7 +28,9 @@ def _hand_counts(num_classes, n_max, imbalance):
 
 
 def _digit_rows(labels, seed):
-    """784-pixel float32 rows of value k/256 whose first pixel encodes the label (to trace images to classes)."""
+    """784-pixel float32 rows of value k/256 whose first pixel encodes the label (to trace images to classes).
+
+    Written with pickle protocol 4 for speed; the real file is a Python-2 pickle, read by `test_real_mnist_lt`."""
     rng = np.random.RandomState(seed)
     rows = rng.randint(0, 256, size=(len(labels), 784)).astype(np.float32)
     rows[:, 0] = np.asarray(labels) * 20
@@ -42,8 +44,8 @@ def _write_mnist_package(root, per_class_train=80, per_class_test=30):
     train_y = np.repeat(np.arange(10), per_class_train // 2)
     test_y = np.repeat(np.arange(10), per_class_test)
     parts = ((_digit_rows(train_y, 0), train_y), (_digit_rows(train_y, 1), train_y), (_digit_rows(test_y, 2), test_y))
-    with gzip.open(folder / "mnist.pkl.gz", "wb") as f:
-        pickle.dump(parts, f, protocol=2)
+    with gzip.open(folder / "mnist.pkl.gz", "wb", compresslevel=1) as f:
+        pickle.dump(parts, f, protocol=4)
     return folder / "mnist.pkl.gz"
 
 
@@ -118,7 +120,7 @@ def _write_animal_package(root, per_class=60):
     images = np.random.RandomState(4).randint(0, 256, size=(len(labels), 28, 28)).astype(np.uint8)
     images[:, 0, 0] = 200 + labels  # traceable: 200..209
     for name, array in (("animal_data_version_3.gz", images), ("animal_label_version_3.gz", labels)):
-        with gzip.open(folder / name, "wb") as f:
+        with gzip.open(folder / name, "wb", compresslevel=1) as f:
             pickle.dump(array, f, protocol=4)
 
 
