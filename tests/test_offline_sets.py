@@ -211,3 +211,11 @@ def test_real_mnist_family_lt():
     assert sorted(data.train_class_counts, reverse=True) == _hand_counts(30, 200, 40)
     assert len(data.train) == sum(_hand_counts(30, 200, 40)) == 1626
     assert len(data.val) == 300 and len(data.test) == 3000
+
+
+def test_registered_options():
+    from lpt_peft.data import dataset_options
+
+    expected = {"n_max", "imbalance", "data_seed", "val_per_class", "max_test_per_class", "data_root"}
+    assert dataset_options("mnist_lt") == expected | {"verify_images", "num_workers"}
+    assert dataset_options("mnist_family_lt") == expected | {"verify_images", "num_workers"}
