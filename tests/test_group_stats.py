@@ -145,3 +145,12 @@ def test_unknown_ablation():
     with pytest.raises(ValueError, match="no_group_prompts"):
         with group_ablation("shuffle"):
             pass
+
+
+def test_ablation_entry_refuses_bad_options_cleanly(capsys):
+    from lpt_peft.evaluation.ablations import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--ablation", "random_groups", "--", "--dataset", "no_such_set"])
+    assert exit_info.value.code == 2 and "no_such_set" in capsys.readouterr().err
+    assert LPTAttention.group_prompts.__qualname__ == "LPTAttention.group_prompts"  # never installed / restored

@@ -94,7 +94,16 @@ def group_ablation(ablation: str, seed: int = 0) -> Iterator[_RandomGroups | Non
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m lpt_peft.evaluation.ablations --ablation NAME [--ablation_seed S] -- <training options>`."""
+    """`python -m lpt_peft.evaluation.ablations --ablation NAME [--ablation_seed S] -- <training options>`.
+
+    A bad training option or missing data prints `error: <message>` and exits with status 2, as the training script.
+    """
+    from lpt_peft.cli import TRAINING_FLAGS, cli_entry
+
+    cli_entry(flags=TRAINING_FLAGS)(_main)(argv)
+
+
+def _main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run LPT training with a phase-2 ablation.")
     parser.add_argument("--ablation", choices=ABLATIONS, required=True)
     parser.add_argument("--ablation_seed", type=int, default=0)
