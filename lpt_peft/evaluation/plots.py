@@ -337,6 +337,6 @@ def plot_benchmark_bars(
     ax.set_xticks(np.arange(len(metrics)), list(metrics))
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: bars may reach the top
     ax.set_title(title or "Median over seeds (bars) and each seed (dots)")
     return _save_png(fig, path)
