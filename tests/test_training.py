@@ -159,7 +159,10 @@ def test_class_without_training_images_and_bad_labels():
     with pytest.raises(ValueError, match="has 4 classes but the adapter has num_labels=5"):
         check_dataset(data, 5)
     data.train_class_counts[2] = 0
-    with pytest.raises(ValueError, match=r"1 class\(es\) have no training image: 2 \(class_2\)"):
+    with pytest.raises(ValueError, match=r"disagree with the training labels .* class 2 \(class_2\): 0 recorded, 3"):
+        check_dataset(data, 4)
+    data.train = data.train.filter(lambda row: row["label"] != 2)
+    with pytest.raises(ValueError, match=r"1 class\(es\) have no training images: 2 \('class_2'\)"):
         check_dataset(data, 4)
     data = make_synthetic_long_tail(num_classes=4, n_max=8, imbalance=4)
     data.test = data.test.cast_column("label", data.test.features["label"].__class__(num_classes=10))
