@@ -208,12 +208,21 @@ class LPTTrainingArguments:
         },
     )
     learning_rate_grid: list[float] = field(
-        default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0],
-        metadata={"help": "Candidate learning rates of the selection, at the reference batch size like --learning_rate."},
+        default_factory=lambda: [0.01, 0.05, 0.2, 1.0],
+        metadata={
+            "help": "Candidate learning rates of the selection, at the reference batch size like --learning_rate "
+            "(the default spans 0.01..1 in steps of about 5x, as VPT-style prompt tuning needs large rates)."
+        },
     )
     lr_trial_steps: int = field(
-        default=10,
-        metadata={"help": "Length of each learning-rate trial in optimizer steps (at most one epoch)."},
+        default=8, metadata={"help": "Length of each learning-rate trial in optimizer steps (at most one epoch)."}
+    )
+    select_learning_rate_phase2: bool = field(
+        default=False,
+        metadata={
+            "help": "Phase 2 runs its own learning-rate selection (another grid of trials). Default: phase 2 trains "
+            "with the rate phase 1 chose (a phase-2-only run, --phase 2, selects its own)."
+        },
     )
     head_init: str | None = field(
         default=None,

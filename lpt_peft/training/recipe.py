@@ -355,7 +355,8 @@ def check_selection_possible(args, data) -> None:
 
 def phase_learning_rate(model, phase: int, data, args, accelerator: Accelerator, state):
     """The options of one phase with its learning rate: chosen on validation ([`select_phase_learning_rate`]), or
-    reused from `state.run["lr_selection"]` when a resumed run already chose it, or `args` unchanged (no selection).
+    reused from `state.run["lr_selection"]` when a resumed run already chose it (phase 2, unless
+    `args.select_learning_rate_phase2`, reuses phase 1's choice), or `args` unchanged (no selection).
 
     A new choice is written into `state.run["lr_selection"]["phase<phase>"]`, so every later checkpoint carries it.
 
@@ -364,11 +365,14 @@ def phase_learning_rate(model, phase: int, data, args, accelerator: Accelerator,
         [`LearningRateSelection`] (None without selection).
     """
     key = f"phase{phase}"
-    recorded = ((state.run or {}).get("lr_selection") or {}).get(key)
+    chosen = (state.run or {}).get("lr_selection") or {}
+    recorded = chosen.get(key)
+    if recorded is None and phase == 2 and "phase1" in chosen and not args.select_learning_rate_phase2:
+        recorded = chosen["phase1"]  # phase 2 trains with phase 1's choice
     if recorded is not None:
         selection = LearningRateSelection(**recorded)
-        logger.info("phase %d: learning rate %g, chosen before the resume (scores %s)", phase, selection.chosen,
-                    selection.scores)  # fmt: skip
+        logger.info("phase %d: learning rate %g, chosen on validation in phase %d (scores %s)", phase,
+                    selection.chosen, selection.phase, selection.scores)  # fmt: skip
     elif args.select_learning_rate and data.val is not None:
         selection = select_phase_learning_rate(model, phase, data, args, accelerator)
         if state.run is not None:
