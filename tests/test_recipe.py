@@ -222,7 +222,8 @@ def test_selection_rescues_a_bad_fixed_rate_and_is_recorded(tmp_path):
     selection = row["learning_rate_selection"]
     assert row["learning_rate"] == selection["chosen"] != 1e-5
     assert selection["chosen"] == pick_learning_rate(selection["candidates"], selection["scores"])
-    assert "learning_rate_selection" not in json.loads((tmp_path / "fixed" / "results.json").read_text())["LPT phase 1"]
+    fixed_row = json.loads((tmp_path / "fixed" / "results.json").read_text())["LPT phase 1"]
+    assert "learning_rate_selection" not in fixed_row and fixed_row["learning_rate"] == 1e-5
     assert not (tmp_path / "selected" / "lr_search").exists()  # the trials leave nothing behind
     latest = tmp_path / "selected" / "checkpoints" / (tmp_path / "selected" / "checkpoints" / "latest").read_text()
     state = TrainerState.load(latest / "trainer_state.json")

@@ -247,7 +247,8 @@ def learning_rate_trial(
                 objective=objective, sampler=sampler,
             )  # fmt: skip
             grouping = "author" if args.author_grouping else "standard"
-            result = evaluate(model, val_loader, accelerator, data.train_class_counts, grouping, None, f"val lr {lr:g}")
+            counts = data.train_class_counts
+            result = evaluate(model, val_loader, accelerator, counts, grouping, None, f"val lr {lr:g}")
         with torch.no_grad():
             for name, param in _adapter_parameters(model).items():
                 param.copy_(start[name])
@@ -324,7 +325,8 @@ def initialize_head_from_prototypes(model: PeftModel, data, args, accelerator: A
     from lpt_peft.training.data import make_eval_loader
 
     model.base_model.set_phase(1)
-    prototypes = class_prototypes(model, make_eval_loader(data.train, args, accelerator), accelerator, data.num_classes)
+    loader = make_eval_loader(data.train, args, accelerator)  # the evaluation transform: no augmentation
+    prototypes = class_prototypes(model, loader, accelerator, data.num_classes)
     head = model.base_model.lpt_head[model.active_adapter]
     with torch.no_grad():
         head.copy_(prototypes.t().to(device=head.device, dtype=head.dtype))

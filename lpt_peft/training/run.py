@@ -290,7 +290,8 @@ def _run_record(args: LPTTrainingArguments, data: LongTailDataset, num_processes
 
 # Recipe options recorded with the run besides checkpointing.TRAJECTORY_OPTIONS (which holds the learning rate, ...).
 RECIPE_RECORD_OPTIONS = (
-    "recipe", "head_init", "select_learning_rate", "learning_rate_grid", "lr_trial_steps", "select_learning_rate_phase2",
+    "recipe", "head_init", "select_learning_rate", "learning_rate_grid", "lr_trial_steps",
+    "select_learning_rate_phase2",
 )  # fmt: skip
 
 
