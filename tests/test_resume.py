@@ -89,6 +89,13 @@ CHANGES = [
     ("n_max", 30, "training data: the checkpoint was trained on 100 images"),
     ("data_seed", 1, "--data_seed: the checkpoint has 0, this run 1"),
     ("val_per_class", 3, "validation data: the checkpoint was trained on 24 images"),
+    # The recipe options (recorded by run.py beside TRAJECTORY_OPTIONS).
+    ("recipe", "paper", "--recipe: the checkpoint has lpt_peft, this run paper (pass --recipe lpt_peft as before)"),
+    ("head_init", "random", "--head_init: the checkpoint has prototypes, this run random"),
+    ("select_learning_rate", False, "--select_learning_rate: the checkpoint has true, this run false"),
+    ("learning_rate_grid", [0.1, 1.0], "--learning_rate_grid: the checkpoint has 0.01 0.05 0.2 1.0, this run 0.1 1.0"),
+    ("lr_trial_steps", 3, "--lr_trial_steps: the checkpoint has 8, this run 3"),
+    ("select_learning_rate_phase2", True, "--select_learning_rate_phase2: the checkpoint has false, this run true"),
 ]
 
 
@@ -108,8 +115,9 @@ def test_resume_with_another_value_is_refused_and_writes_nothing(
 
 def test_every_recorded_option_has_a_row():
     from lpt_peft.training.checkpointing import TRAJECTORY_OPTIONS
+    from lpt_peft.training.run import RECIPE_RECORD_OPTIONS
 
-    untested = set(TRAJECTORY_OPTIONS) - {c[0] for c in CHANGES}
+    untested = {*TRAJECTORY_OPTIONS, *RECIPE_RECORD_OPTIONS} - {c[0] for c in CHANGES}
     # --dataset is recorded too; another data set needs other files, so its row would test the data loaders instead.
     assert untested == {"dataset"}
 

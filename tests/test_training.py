@@ -25,7 +25,7 @@ COMMON = [
     "--dataset", "synthetic", "--model_name_or_path", "tiny-random", "--image_size", "32",
     "--num_classes", "6", "--n_max", "40", "--imbalance", "10", "--val_per_class", "4",
     "--batch_size", "8", "--num_groups", "4", "--shared_layers", "2", "--num_workers", "0",
-    "--report_to", "none", "--learning_rate", "0.5",
+    "--report_to", "none", "--learning_rate", "0.5", "--lr_trial_steps", "2",
 ]  # fmt: skip
 
 
@@ -159,7 +159,10 @@ def test_class_without_training_images_and_bad_labels():
     with pytest.raises(ValueError, match="has 4 classes but the adapter has num_labels=5"):
         check_dataset(data, 5)
     data.train_class_counts[2] = 0
-    with pytest.raises(ValueError, match=r"1 class\(es\) have no training image: 2 \(class_2\)"):
+    with pytest.raises(ValueError, match=r"disagree with the training labels .* class 2 \(class_2\): 0 recorded, 3"):
+        check_dataset(data, 4)
+    data.train = data.train.filter(lambda row: row["label"] != 2)
+    with pytest.raises(ValueError, match=r"1 class\(es\) have no training images: 2 \('class_2'\)"):
         check_dataset(data, 4)
     data = make_synthetic_long_tail(num_classes=4, n_max=8, imbalance=4)
     data.test = data.test.cast_column("label", data.test.features["label"].__class__(num_classes=10))

@@ -174,13 +174,64 @@ class LPTTrainingArguments:
             "authors' code) or 'paper' (0 and 4, as on the class-balanced branch)."
         },
     )
-    learning_rate: float = field(default=0.02, metadata={"help": "Learning rate at the reference batch size."})
-    lr_reference_batch: int = field(
-        default=256, metadata={"help": "The learning rate is scaled by global batch / this (linear scaling rule)."}
+    recipe: str = field(
+        default="lpt_peft",
+        metadata={
+            "help": "Preset of the optimisation recipe (lpt_peft.training.recipe.RECIPES): 'lpt_peft' (learning rate "
+            "chosen on the validation split, cosine head initialised from class prototypes) or 'paper' (the paper's "
+            "recipe exactly: SGD lr 0.02 at batch 256, momentum 0.9, weight decay 0.01, 1 warm-up epoch, cosine "
+            "schedule, random head, no selection). Options given explicitly (command line or --config) override it."
+        },
     )
-    weight_decay: float = field(default=0.01, metadata={"help": "SGD weight decay."})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
-    warmup_epochs: float = field(default=1.0, metadata={"help": "Linear warm-up length, then cosine decay."})
+    learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate at the reference batch size (recipe default 0.02). With learning-rate selection "
+            "on, the rate used when the data set has no validation split."
+        },
+    )
+    lr_reference_batch: int | None = field(
+        default=None,
+        metadata={"help": "The learning rate is scaled by global batch / this (linear scaling rule; recipe: 256)."},
+    )
+    weight_decay: float | None = field(default=None, metadata={"help": "SGD weight decay (recipe: 0.01)."})
+    momentum: float | None = field(default=None, metadata={"help": "SGD momentum (recipe: 0.9)."})
+    warmup_epochs: float | None = field(
+        default=None, metadata={"help": "Linear warm-up length, then cosine decay (recipe: 1 epoch)."}
+    )
+    select_learning_rate: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Choose each phase's learning rate on the validation split from --learning_rate_grid, one short "
+            "trial per candidate (recipe lpt_peft: true, paper: false). Without a validation split the run falls "
+            "back to --learning_rate, or refuses when this option was given explicitly."
+        },
+    )
+    learning_rate_grid: list[float] = field(
+        default_factory=lambda: [0.01, 0.05, 0.2, 1.0],
+        metadata={
+            "help": "Candidate learning rates of the selection, at the reference batch size like --learning_rate "
+            "(the default spans 0.01..1 in steps of about 5x, as VPT-style prompt tuning needs large rates)."
+        },
+    )
+    lr_trial_steps: int = field(
+        default=8, metadata={"help": "Length of each learning-rate trial in optimizer steps (at most one epoch)."}
+    )
+    select_learning_rate_phase2: bool = field(
+        default=False,
+        metadata={
+            "help": "Phase 2 runs its own learning-rate selection (another grid of trials). Default: phase 2 trains "
+            "with the rate phase 1 chose (a phase-2-only run, --phase 2, selects its own)."
+        },
+    )
+    head_init: str | None = field(
+        default=None,
+        metadata={
+            "help": "Initial cosine classifier of phase 1: 'prototypes' (the L2-normalised class means of the "
+            "model's features over the training split, one unaugmented pass; recipe lpt_peft) or 'random' (random "
+            "unit vectors, the paper)."
+        },
+    )
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     max_grad_norm: float | None = field(default=None, metadata={"help": "Clip gradients to this norm (None: off)."})
     mixed_precision: str = field(default="no", metadata={"help": "'no', 'bf16' or 'fp16' (through accelerate)."})
@@ -226,6 +277,9 @@ class LPTTrainingArguments:
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id for --push_to_hub."})
 
     def __post_init__(self) -> None:
+        from lpt_peft.training.recipe import apply_recipe
+
+        apply_recipe(self)  # fills the recipe options left unset (None) from the --recipe preset
         self._check_dataset_options()
         self.phase = str(self.phase)
         if self.phase not in ("both", "1", "2"):

@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import DataLoader, default_collate
 
-from lpt_peft.data.long_tail import LongTailDataset
+from lpt_peft.data.long_tail import LongTailDataset, long_tail_from_splits
 from lpt_peft.data.seeding import STREAM_LOADER, torch_generator
 from lpt_peft.data.transforms import LPTImageTransform, TransformedImageDataset
 from lpt_peft.training.arguments import LPTTrainingArguments
@@ -36,6 +36,9 @@ def dataset_labels(dataset) -> np.ndarray:
     return np.asarray(dataset["label"], dtype=np.int64)
 
 
+_EMPTY_CLASS_HINT = "remove the class or add images"
+
+
 def check_dataset(data: LongTailDataset, num_labels: int) -> None:
     """Fail before training when the data set cannot be trained on with `num_labels` classes."""
     if data.num_classes != num_labels:
@@ -43,12 +46,16 @@ def check_dataset(data: LongTailDataset, num_labels: int) -> None:
             f"The data set has {data.num_classes} classes but the adapter has num_labels={num_labels}. Use the "
             "adapter that matches this data set, or build a new one."
         )
-    empty = [i for i, n in enumerate(data.train_class_counts) if n <= 0]
-    if empty:
-        names = ", ".join(f"{i} ({data.class_names[i]})" for i in empty[:5])
+    # The data package's check (the one every loader runs), on the training labels themselves: a LongTailDataset
+    # built by hand gets the same refusal and message.
+    counted = long_tail_from_splits({"train": data.train, "test": data.test}, data.class_names, hint=_EMPTY_CLASS_HINT)
+    differ = [i for i, (a, b) in enumerate(zip(data.train_class_counts, counted.train_class_counts)) if a != b]
+    if differ:
+        i = differ[0]
         raise ValueError(
-            f"{len(empty)} class(es) have no training image: {names}{' ...' if len(empty) > 5 else ''}. LPT's loss, "
-            "sampler and shot groups need every class in the training split; remove the class or add images."
+            f"train_class_counts disagree with the training labels for {len(differ)} class(es), e.g. class {i} "
+            f"({data.class_names[i]}): {data.train_class_counts[i]} recorded, {counted.train_class_counts[i]} images. "
+            "Rebuild the LongTailDataset with the counts of its training split (lpt_peft.data.count_labels)."
         )
     for split_name in ("train", "val", "test"):
         split = getattr(data, split_name)

@@ -48,6 +48,12 @@ from lpt_peft.training.data import (
     make_eval_loader,
 )
 from lpt_peft.training.loop import callbacks_from_env, evaluate, scaled_learning_rate, train_phase
+from lpt_peft.training.recipe import (
+    check_selection_possible,
+    describe_recipe,
+    initialize_head_from_prototypes,
+    phase_learning_rate,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +70,11 @@ def log_launch(accelerator: Accelerator, args: LPTTrainingArguments) -> None:
             "and branch x %d process(es) x %d accumulation step(s); learning rate %g.",
             n, n, accelerator.device, args.mixed_precision, global_batch, args.batch_size, n,
             args.gradient_accumulation_steps, scaled_learning_rate(args, n),
+        )  # fmt: skip
+        logger.info(
+            "Recipe: %s; head init %s; learning rate %s.", describe_recipe(args), args.head_init,
+            f"chosen on validation from {list(args.learning_rate_grid)} ({args.lr_trial_steps}-step trials)"
+            if args.select_learning_rate else f"{args.learning_rate} (fixed)",
         )  # fmt: skip
     requested = int(os.environ.get("WORLD_SIZE", "1") or 1)
     # `accelerate launch --cpu` runs one process whatever --num_processes/--num_machines say; it then still exports
@@ -214,7 +225,8 @@ def run_training(args: LPTTrainingArguments, data: LongTailDataset | None = None
     accelerator, checkpoints, state, resume_dir = _open_run(args)
     data = data if data is not None else build_dataset(args)
     check_images_before_training(data, args)
-    record = run_record(args, data, accelerator.num_processes)
+    check_selection_possible(args, data)
+    record = _run_record(args, data, accelerator.num_processes)
     if resume_dir is not None:
         check_resume(resume_dir, state, record, args.phases)
     else:
@@ -239,13 +251,18 @@ def run_training(args: LPTTrainingArguments, data: LongTailDataset | None = None
             continue
         resume_here = resume_dir if (resume_dir is not None and state.phase == phase) else None
         resume_dir = None  # a checkpoint resumes the phase it was written in, once
+        if phase == 1 and resume_here is None and args.head_init == "prototypes":
+            initialize_head_from_prototypes(model, data, args, accelerator)
+        # Chosen before the phase's first checkpoint, so a resumed phase finds its choice in `state.run`.
+        phase_args, selection = phase_learning_rate(model, phase, data, args, accelerator, state)
         num_epochs = args.epochs_phase1 if phase == 1 else args.epochs_phase2
-        objective = objective_from_args(args, data.train_class_counts, num_epochs)
-        sampler = sampler_from_args(args, dataset_labels(data.train), accelerator)
+        objective = objective_from_args(phase_args, data.train_class_counts, num_epochs)
+        sampler = sampler_from_args(phase_args, dataset_labels(data.train), accelerator)
         best = train_phase(
-            model, phase, data, args, accelerator, checkpoints, state, resume_here,
+            model, phase, data, phase_args, accelerator, checkpoints, state, resume_here,
             objective=objective, sampler=sampler, callbacks=callbacks,
         )  # fmt: skip
+        best = {**best, **_recipe_summary(phase_args, selection)}
         save_adapter(model, output_dir / f"phase{phase}", accelerator)
         num_groups = model.peft_config[model.active_adapter].num_groups if phase == 2 else None
         result = evaluate(
@@ -261,6 +278,29 @@ def run_training(args: LPTTrainingArguments, data: LongTailDataset | None = None
         state.epoch = state.step_in_epoch = state.global_step = 0
     _finish(accelerator, rows, args)
     return {"rows": rows, "output_dir": str(output_dir)}
+
+
+def _run_record(args: LPTTrainingArguments, data: LongTailDataset, num_processes: int) -> dict[str, Any]:
+    """The checkpoints' run record (`checkpointing.run_record`) plus the recipe options, which change the trajectory
+    too: a resume with another preset, head initialisation or selection grid is refused like any other difference."""
+    record = run_record(args, data, num_processes)
+    record["options"].update({name: getattr(args, name) for name in RECIPE_RECORD_OPTIONS})
+    return record
+
+
+# Recipe options recorded with the run besides checkpointing.TRAJECTORY_OPTIONS (which holds the learning rate, ...).
+RECIPE_RECORD_OPTIONS = (
+    "recipe", "head_init", "select_learning_rate", "learning_rate_grid", "lr_trial_steps",
+    "select_learning_rate_phase2",
+)  # fmt: skip
+
+
+def _recipe_summary(phase_args: LPTTrainingArguments, selection) -> dict[str, Any]:
+    """What results.json records of a phase's recipe: the preset, the head start and the learning rate used."""
+    summary: dict[str, Any] = {"recipe": phase_args.recipe, "learning_rate": phase_args.learning_rate}
+    if selection is not None:
+        summary["learning_rate_selection"] = selection.to_dict()
+    return summary
 
 
 def _finish(accelerator: Accelerator, rows, args: LPTTrainingArguments) -> None:

@@ -1,0 +1,276 @@
+"""The training recipe: `--recipe` presets, the learning rate chosen on the validation split, and the cosine head
+initialised from class prototypes, each against a hand-computed or independently computed reference."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from lpt_peft.backbones import tiny_random_vit
+from lpt_peft.data.synthetic import make_synthetic_long_tail
+from lpt_peft.data.transforms import LPTImageTransform
+from lpt_peft.training import recipe
+from lpt_peft.training.arguments import LPTTrainingArguments, parse_training_args
+from lpt_peft.training.builders import build_peft_model
+from lpt_peft.training.checkpointing import TrainerState
+from lpt_peft.training.loop import train_phase
+from lpt_peft.training.recipe import (
+    RECIPES,
+    class_prototypes,
+    initialize_head_from_prototypes,
+    learning_rate_trial,
+    mean_per_class_accuracy,
+    pick_learning_rate,
+    search_learning_rate,
+)
+from lpt_peft.training.run import run_training
+
+SMALL = dict(
+    dataset="synthetic", model_name_or_path="tiny-random", image_size=32, num_classes=6, n_max=40, imbalance=10,
+    val_per_class=4, batch_size=8, num_groups=4, shared_layers=2, num_workers=0, report_to="none",
+    eval_batch_size=16,
+)  # fmt: skip
+
+
+def small_args(output_dir, **overrides):
+    return LPTTrainingArguments(**{**SMALL, "output_dir": str(output_dir), **overrides})
+
+
+def tiny_model(args, data, seed=0):
+    torch.manual_seed(seed)
+    return build_peft_model(tiny_random_vit(args.image_size), args, data.num_classes)
+
+
+def data_for(args):
+    return make_synthetic_long_tail(
+        num_classes=args.num_classes, n_max=args.n_max, imbalance=args.imbalance, val_per_class=args.val_per_class,
+        image_size=args.image_size,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------- presets
+def test_paper_recipe_gives_the_papers_values_and_explicit_options_override_it():
+    args = parse_training_args(["--recipe", "paper"])
+    paper = {
+        "learning_rate": 0.02, "lr_reference_batch": 256, "weight_decay": 0.01, "momentum": 0.9,
+        "warmup_epochs": 1.0, "select_learning_rate": False, "head_init": "random",
+    }  # fmt: skip (LPT.md: SGD momentum 0.9, wd 0.01, lr 0.02 at batch 256, 1 warm-up epoch, random head)
+    assert {k: getattr(args, k) for k in paper} == paper and args.recipe_overrides == {}
+    default = parse_training_args([])
+    assert (default.recipe, default.select_learning_rate, default.head_init) == ("lpt_peft", True, "prototypes")
+    assert (default.learning_rate, default.weight_decay, default.momentum) == (0.02, 0.01, 0.9)
+    # An explicit option wins over the preset, on the command line, in Python, and even when it equals the other
+    # preset's value; the override is recorded.
+    args = parse_training_args(["--recipe", "paper", "--learning_rate", "0.1", "--head_init", "prototypes"])
+    assert (args.learning_rate, args.head_init, args.select_learning_rate) == (0.1, "prototypes", False)
+    assert args.recipe_overrides == {"learning_rate": (0.1, 0.02), "head_init": ("prototypes", "random")}
+    args = LPTTrainingArguments(recipe="paper", select_learning_rate=True, weight_decay=0.0)
+    assert (args.select_learning_rate, args.weight_decay, args.head_init) == (True, 0.0, "random")
+    with pytest.raises(ValueError, match="--recipe must be one of lpt_peft, paper, got 'fast'"):
+        LPTTrainingArguments(recipe="fast")
+    with pytest.raises(ValueError, match="--head_init must be one of prototypes, random"):
+        LPTTrainingArguments(head_init="zeros")
+    with pytest.raises(ValueError, match="--learning_rate_grid must hold one or more rates > 0"):
+        LPTTrainingArguments(learning_rate_grid=[0.1, -1.0])
+    assert set(RECIPES["paper"]) == set(RECIPES["lpt_peft"])
+
+
+def test_configs_name_their_recipe():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    expected = {"places_lt": "paper", "imagenet_lt": "paper", "inat2018": "paper", "cifar100_lt": "paper"}
+    for name, preset in expected.items():
+        args = parse_training_args(["--config", str(root / f"{name}.yaml")])
+        assert args.recipe == preset and args.head_init == "random" and not args.select_learning_rate, name
+    demo = parse_training_args(["--config", str(root / "demo_fashion_mnist.yaml")])
+    assert demo.recipe == "lpt_peft" and demo.select_learning_rate and demo.head_init == "prototypes"
+
+
+# ------------------------------------------------------------------------------------------- selection rule
+def test_pick_learning_rate_is_the_argmax_with_ties_to_the_smallest_rate():
+    assert pick_learning_rate([0.01, 0.1, 1.0], [50.0, 70.0, 60.0]) == 0.1
+    assert pick_learning_rate([1.0, 0.1, 0.01], [70.0, 70.0, 60.0]) == 0.1  # tie: the smaller of 1.0 and 0.1
+    assert pick_learning_rate([0.01, 0.1, 1.0], [70.0, 70.0, 70.0]) == 0.01
+    assert pick_learning_rate([0.01, 0.1, 1.0], [50.0, math.nan, 40.0]) == 0.01  # a diverged trial never wins
+    with pytest.raises(ValueError, match="Every learning-rate trial diverged"):
+        pick_learning_rate([0.1], [math.nan])
+    with pytest.raises(ValueError, match="one score per candidate"):
+        pick_learning_rate([0.1, 1.0], [1.0])
+
+
+def test_mean_per_class_accuracy_weighs_classes_equally_and_skips_absent_ones():
+    # 3 classes present: 100, 50 and 0 % -> 50 %, whatever their sample counts; class 2 has no sample (nan).
+    assert mean_per_class_accuracy({"per_class": [100.0, 50.0, math.nan, 0.0]}) == 50.0
+
+
+def test_search_with_a_stubbed_trial_picks_the_argmax_of_known_scores():
+    known = {0.01: 20.0, 0.03: 55.0, 0.1: 80.0, 0.3: 80.0, 1.0: 10.0}
+    called = []
+
+    def trial(lr):
+        called.append(lr)
+        return known[lr]
+
+    selection = search_learning_rate(list(known), trial, phase=1, trial_steps=7)
+    assert called == list(known)
+    assert selection.to_dict() == {
+        "phase": 1, "candidates": list(known), "scores": list(known.values()), "chosen": 0.1, "trial_steps": 7,
+        "metric": "val_mean_per_class_accuracy",
+    }  # fmt: skip
+
+
+def _hand_trial_score(model, data, args, lr, steps):
+    """The trial by hand: `steps` phase-1 steps at `lr` through `train_phase` (the warm-up share of the full schedule),
+    then the mean over classes of the validation accuracy, image by image."""
+    trial_args = copy.copy(args)
+    trial_args.learning_rate, trial_args.epochs_phase1, trial_args.max_steps_per_epoch = lr, 1, steps
+    trial_args.warmup_epochs = args.warmup_epochs / args.epochs_phase1
+    no_val = copy.copy(data)
+    no_val.val = None
+    train_phase(model, 1, no_val, trial_args, Accelerator(cpu=True), recipe._NoCheckpoints(), TrainerState())
+    model.eval()
+    transform = LPTImageTransform(args.image_size, train=False, mean=args.mean, std=args.std)
+    hits = {}
+    with torch.no_grad():
+        for row in data.val:
+            pixels = transform(row["image"].convert("RGB")).unsqueeze(0)
+            hits.setdefault(row["label"], []).append(int(model(pixel_values=pixels).logits.argmax()) == row["label"])
+    return sum(100.0 * sum(h) / len(h) for h in hits.values()) / len(hits)
+
+
+def test_real_trials_score_like_a_hand_run_restore_the_adapter_and_pick_the_argmax(tmp_path):
+    args = small_args(tmp_path, head_init="random", epochs_phase1=2, lr_trial_steps=3)
+    data = data_for(args)
+    accelerator = Accelerator(cpu=True)
+    model = tiny_model(args, data)
+    start = {k: v.clone() for k, v in model.state_dict().items() if "lpt_" in k}
+    grid = [1e-4, 0.3, 3.0]
+    torch.manual_seed(5)
+    trial = learning_rate_trial(model, 1, data, args, accelerator, tmp_path / "trials")
+    selection = search_learning_rate(grid, trial, phase=1, trial_steps=3)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in start.items())  # every trial starts from the start
+    assert trial(grid[1]) == selection.scores[1]  # same stream each time
+    expected = []
+    for lr in grid:
+        fresh = tiny_model(args, data)
+        torch.manual_seed(5)
+        expected.append(_hand_trial_score(fresh, data, args, lr, steps=3))
+    assert selection.scores == pytest.approx(expected, abs=1e-9)
+    assert selection.chosen == pick_learning_rate(grid, expected)
+    assert len(set(expected)) > 1, f"the trials should tell the rates apart: {expected}"
+
+
+# ------------------------------------------------------------------------------------------- prototypes
+def test_prototype_head_equals_hand_computed_normalised_class_means(tmp_path):
+    args = small_args(tmp_path, n_max=12, imbalance=4)
+    data = data_for(args)
+    model = tiny_model(args, data)
+    prototypes = initialize_head_from_prototypes(model, data, args, Accelerator(cpu=True))
+    # Independently: one image at a time, eval transform, the model's CLS feature; class sums in float64.
+    transform = LPTImageTransform(args.image_size, train=False, mean=args.mean, std=args.std)
+    sums, counts = {}, {}
+    model.eval()
+    with torch.no_grad():
+        for row in data.train:
+            pixels = transform(row["image"].convert("RGB")).unsqueeze(0)
+            feature = model(pixel_values=pixels).features[0].double()
+            sums[row["label"]] = sums.get(row["label"], 0) + feature
+            counts[row["label"]] = counts.get(row["label"], 0) + 1
+    expected = torch.stack([F.normalize(sums[c] / counts[c], dim=0) for c in range(data.num_classes)]).float()
+    assert [counts[c] for c in range(data.num_classes)] == data.train_class_counts
+    head = model.base_model.lpt_head["default"]
+    assert head.shape == (model.peft_config["default"].hidden_size, data.num_classes)
+    torch.testing.assert_close(prototypes, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(head.detach().t(), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(head.detach().norm(dim=0), torch.ones(data.num_classes))
+    assert head.requires_grad  # still the trainable phase-1 head
+
+
+def test_prototypes_refuse_a_class_without_images(tmp_path):
+    args = small_args(tmp_path)
+    data = data_for(args)
+    model = tiny_model(args, data)
+    from lpt_peft.training.data import make_eval_loader
+
+    loader = make_eval_loader(data.train.filter(lambda row: row["label"] != 3), args, Accelerator(cpu=True))
+    with pytest.raises(ValueError, match=r"class\(es\) \[3\] have no training image"):
+        class_prototypes(model, loader, Accelerator(cpu=True), data.num_classes)
+
+
+# ------------------------------------------------------------------------------------------- in a run
+def _val_accuracy(out):
+    return json.loads((out / "results.json").read_text())["LPT phase 1"]["best_val_overall"]
+
+
+def test_selection_rescues_a_bad_fixed_rate_and_is_recorded(tmp_path):
+    # A random head and a rate far too small: the fixed run stays near chance; the selection finds a usable rate.
+    common = dict(
+        phase="1", head_init="random", epochs_phase1=3, learning_rate=1e-5, max_steps_per_epoch=5, lr_trial_steps=5
+    )
+    run_training(small_args(tmp_path / "fixed", select_learning_rate=False, **common))
+    run_training(small_args(tmp_path / "selected", learning_rate_grid=[1e-5, 0.3, 3.0], **common))
+    fixed, selected = _val_accuracy(tmp_path / "fixed"), _val_accuracy(tmp_path / "selected")
+    assert fixed <= 40.0 and selected >= fixed + 30.0, (fixed, selected)
+    row = json.loads((tmp_path / "selected" / "results.json").read_text())["LPT phase 1"]
+    selection = row["learning_rate_selection"]
+    assert row["learning_rate"] == selection["chosen"] != 1e-5
+    assert selection["chosen"] == pick_learning_rate(selection["candidates"], selection["scores"])
+    fixed_row = json.loads((tmp_path / "fixed" / "results.json").read_text())["LPT phase 1"]
+    assert "learning_rate_selection" not in fixed_row and fixed_row["learning_rate"] == 1e-5
+    assert not (tmp_path / "selected" / "lr_search").exists()  # the trials leave nothing behind
+    latest = tmp_path / "selected" / "checkpoints" / (tmp_path / "selected" / "checkpoints" / "latest").read_text()
+    state = TrainerState.load(latest / "trainer_state.json")
+    assert state.run["lr_selection"]["phase1"] == selection
+    assert state.run["options"]["head_init"] == "random" and state.run["options"]["recipe"] == "lpt_peft"
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_resume_reuses_the_recorded_choice_and_continues_exactly(tmp_path, monkeypatch):
+    options = dict(phase="1", epochs_phase1=2, max_steps_per_epoch=3, learning_rate_grid=[0.03, 0.3], lr_trial_steps=2)
+    run_training(small_args(tmp_path / "straight", **options))
+    # Interrupted after epoch 0's checkpoint: the first epoch-1 step raises.
+    from lpt_peft.training import loop
+
+    class CrashInEpoch1(loop.TrainingCallback):
+        def on_step_end(self, phase, state):
+            if state.epoch == 1:
+                raise _Crash
+
+    monkeypatch.setattr("lpt_peft.training.run.callbacks_from_env", lambda: [CrashInEpoch1()])
+    with pytest.raises(_Crash):
+        run_training(small_args(tmp_path / "resumed", **options))
+    monkeypatch.undo()
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("a resumed phase must reuse its recorded learning rate, not search again")
+
+    monkeypatch.setattr(recipe, "select_phase_learning_rate", no_search)
+    run_training(small_args(tmp_path / "resumed", resume_from_checkpoint="latest", **options))
+    rows = {name: json.loads((tmp_path / name / "results.json").read_text()) for name in ("straight", "resumed")}
+    assert rows["resumed"] == rows["straight"]
+    from safetensors.torch import load_file
+
+    straight = load_file(tmp_path / "straight" / "phase1" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "phase1" / "adapter_model.safetensors")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_without_validation_split_selection_falls_back_or_refuses_when_asked(tmp_path, caplog):
+    with pytest.raises(ValueError, match="--select_learning_rate true needs a validation split"):
+        run_training(small_args(tmp_path / "asked", val_per_class=0, select_learning_rate=True, phase="1"))
+    assert not (tmp_path / "asked" / "checkpoints").exists()
+    with caplog.at_level("WARNING"):
+        run_training(
+            small_args(tmp_path / "default", val_per_class=0, phase="1", epochs_phase1=1, max_steps_per_epoch=1)
+        )
+    assert "no validation split: the learning rate is not selected; training uses --learning_rate 0.02" in caplog.text
+    row = json.loads((tmp_path / "default" / "results.json").read_text())["LPT phase 1"]
+    assert row["learning_rate"] == 0.02 and "learning_rate_selection" not in row
