@@ -1,0 +1,277 @@
+"""Export of a trained LPT classifier (lpt_peft/export.py): torch.export programs and ONNX models run with ONNX Runtime
+give the PyTorch model's logits (1e-4, float32), predictions and phase-2 group choices at any batch size."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft import get_peft_model
+from testing_utils import make_tiny_vit, randomize_adapter, tiny_backbone
+from transformers import ViTForImageClassification, ViTModel
+
+from lpt_peft import LPTConfig
+from lpt_peft.cli import LPTUsageError
+from lpt_peft.export import (
+    LPTExportError,
+    export_onnx,
+    export_program,
+    load_program,
+    read_export_metadata,
+    save_program,
+)
+from lpt_peft.inference import load_classifier
+
+BATCH_SIZES = (1, 3, 8)
+ATOL = 1e-4
+NUM_GROUPS = 6
+LABELS = {i: f"class_{i}" for i in range(5)}
+needs_onnx = pytest.mark.skipif(
+    importlib.util.find_spec("onnxscript") is None or importlib.util.find_spec("onnxruntime") is None,
+    reason="ONNX export needs onnxscript and onnxruntime (pip install lpt-peft[dev])",
+)
+
+
+def spread_group_keys(model, pixel_values: torch.Tensor) -> None:
+    """Set each group key to the query feature of a different image, so different images choose different groups
+    (random keys tend to rank the same for every image: the class-token features share a large common part)."""
+    with torch.no_grad():
+        queries = model(pixel_values=pixel_values).query
+        model.base_model.lpt_keys["default"].copy_(queries[: model.base_model.lpt_keys["default"].shape[0]])
+
+
+def lpt_model(phase: int, cls=ViTModel, seed: int = 0):
+    """A tiny ViT with a randomised LPT adapter (sdpa attention) in `phase`, in eval mode."""
+    vit = make_tiny_vit(seed=seed, cls=cls, attn_implementation="sdpa")
+    config = LPTConfig(num_labels=5, shared_layers=2, num_groups=NUM_GROUPS, id2label=LABELS)
+    model = get_peft_model(vit, config)
+    randomize_adapter(model, seed=seed + 1)
+    model.base_model.set_phase(2)
+    spread_group_keys(model, torch.randn(NUM_GROUPS, 3, 16, 16, generator=torch.Generator().manual_seed(seed + 7)))
+    model.base_model.set_phase(phase)
+    return model.eval()
+
+
+def pixels(batch: int, seed: int = 11) -> torch.Tensor:
+    return torch.randn(batch, 3, 16, 16, generator=torch.Generator().manual_seed(seed + batch))
+
+
+def reference(model, x: torch.Tensor):
+    """The PyTorch model's own outputs (its eager key/value buffer path, not the exported concatenation)."""
+    with torch.no_grad():
+        out = model(pixel_values=x)
+    return out.logits, out.group_indices
+
+
+def assert_same_outputs(model, outputs: list, x: torch.Tensor, phase: int) -> None:
+    logits, groups = reference(model, x)
+    got = torch.as_tensor(np.asarray(outputs[0]))
+    assert got.shape == logits.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, logits, atol=ATOL, rtol=0)
+    assert torch.equal(got.argmax(-1), logits.argmax(-1))
+    assert len(outputs) == phase
+    if phase == 2:
+        assert torch.equal(torch.as_tensor(np.asarray(outputs[1])), groups)
+
+
+def snapshot(model) -> dict:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def assert_unchanged(model, before: dict, training: bool) -> None:
+    assert model.training is training
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["phase1", "phase2"])
+def exported(request, tmp_path_factory):
+    """One model per phase, saved once as a .pt2 program and once as ONNX (when onnxscript is installed)."""
+    phase = request.param
+    model = lpt_model(phase)
+    model.train()  # the export traces in eval mode and must restore the caller's mode
+    before = snapshot(model)
+    folder = tmp_path_factory.mktemp(f"export_phase{phase}")
+    program = save_program(model, folder / "lpt.pt2")
+    onnx_path = None
+    if importlib.util.find_spec("onnxscript") is not None:
+        onnx_path = export_onnx(model, folder / "lpt.onnx")
+    assert_unchanged(model, before, training=True)
+    return phase, model.eval(), program, onnx_path
+
+
+# ------------------------------------------------------------------------------------------------ equality
+def test_program_gives_the_models_logits_at_every_batch_size(exported):
+    phase, model, path, _ = exported
+    program = load_program(path)
+    for batch in BATCH_SIZES:  # one export, three batch sizes
+        x = pixels(batch)
+        with torch.no_grad():
+            outputs = program.module()(x)
+        assert_same_outputs(model, list(outputs), x, phase)
+    if phase == 2:  # the group choice is not trivial: the 8 images do not all pick the same groups
+        groups = reference(model, pixels(8))[1]
+        assert len({tuple(sorted(row)) for row in groups.tolist()}) > 1
+
+
+def test_program_takes_the_traceable_attention_path(exported):
+    """The eager path writes projections into a buffer (`out=` ops, an autograd Function); the graph must hold
+    the plain concatenation instead, two per attention layer and pass (keys and values)."""
+    phase, _, path, _ = exported
+    graph = load_program(path).graph
+    targets = [str(node.target) for node in graph.nodes if node.op == "call_function"]
+    assert not [t for t in targets if t.endswith(".out") or "bmm" in t]
+    layer_passes = 4 if phase == 1 else 2 + 2 * 2  # phase 2: layers 1-2 once, 3-4 twice (query pass, main pass)
+    assert targets.count("aten.cat.default") >= 2 * layer_passes
+
+
+@needs_onnx
+def test_onnx_gives_the_models_logits_at_every_batch_size(exported):
+    import onnxruntime
+
+    phase, model, _, path = exported
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (graph_input,) = session.get_inputs()
+    assert (graph_input.name, graph_input.shape) == ("pixel_values", ["batch", 3, 16, 16])
+    assert [o.name for o in session.get_outputs()] == ["logits", "group_indices"][:phase]
+    for batch in BATCH_SIZES:
+        x = pixels(batch)
+        assert_same_outputs(model, session.run(None, {"pixel_values": x.numpy()}), x, phase)
+
+
+def test_exports_carry_their_metadata(exported):
+    phase, _, program_path, onnx_path = exported
+    for path in [program_path] + ([onnx_path] if onnx_path else []):
+        meta = read_export_metadata(path)
+        assert meta["phase"] == phase and meta["image_size"] == 16
+        assert meta["input_shape"] == ["batch", 3, 16, 16]
+        assert meta["output_names"] == ["logits", "group_indices"][:phase]
+        assert meta["id2label"] == {str(k): v for k, v in LABELS.items()}
+        assert meta["logit_scale"] == 20.0 and meta["top_k"] == (2 if phase == 2 else None)
+        assert meta["preprocessing"] is None  # a bare PeftModel carries no preprocessing
+
+
+def test_adapter_folder_on_a_classification_base(tmp_path):
+    """An adapter folder is loaded by load_classifier (here onto a ViTForImageClassification base), then exported;
+    the program equals the loaded classifier and carries its preprocessing."""
+    model = lpt_model(2, cls=ViTForImageClassification)
+    model.save_pretrained(tmp_path / "adapter")
+    base = make_tiny_vit(seed=0, cls=ViTForImageClassification, attn_implementation="sdpa")
+    program = export_program(str(tmp_path / "adapter"), base_model=base)
+    loaded = load_classifier(make_tiny_vit(seed=0, cls=ViTForImageClassification, attn_implementation="sdpa"),
+                             tmp_path / "adapter", device="cpu")  # fmt: skip
+    for batch in BATCH_SIZES:
+        x = pixels(batch)
+        with torch.no_grad():
+            outputs = program.module()(x)
+        assert_same_outputs(loaded.model, list(outputs), x, phase=2)
+        torch.testing.assert_close(outputs[0], reference(model, x)[0], atol=ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+def refused(model, exporter, tmp_path, error, match, **kwargs):
+    before, training = snapshot(model), model.training
+    path = tmp_path / ("out.pt2" if exporter is save_program else "out.onnx")
+    with pytest.raises(error, match=match):
+        exporter(model, path, **kwargs)
+    assert list(tmp_path.iterdir()) == []  # no file and no temporary left behind
+    assert_unchanged(model, before, training)
+
+
+@pytest.mark.parametrize("exporter", [save_program, export_onnx], ids=["pt2", "onnx"])
+def test_wrong_image_size_is_refused(exporter, tmp_path):
+    model = lpt_model(1)
+    refused(model, exporter, tmp_path, LPTUsageError, r"expects 16 px images .*image_size=", image_size=32)
+    refused(model, exporter, tmp_path, LPTUsageError, "positive int", image_size=0)
+
+
+def test_size_off_the_patch_grid_is_refused(tmp_path):
+    dinov2 = tiny_backbone("dinov2", attn="sdpa")  # DINOv2 runs at any size, but 18 px is not whole 4 px patches
+    model = get_peft_model(dinov2, LPTConfig(num_labels=3, shared_layers=2, num_groups=4)).eval()
+    refused(model, save_program, tmp_path, LPTUsageError, r"not a multiple of the patch size 4.*Use 16 or 20",
+            image_size=18)  # fmt: skip
+
+
+def test_models_that_cannot_be_exported_are_refused(tmp_path):
+    refused(make_tiny_vit(), save_program, tmp_path, TypeError, "PeftModel with an active LPT adapter")
+    model = lpt_model(2)
+    with model.disable_adapter():
+        refused(model, save_program, tmp_path, ValueError, "adapter is disabled")
+    model.get_base_model().to(torch.bfloat16)
+    refused(model, save_program, tmp_path, ValueError, r"float32 only .*torch.bfloat16.*model.float\(\)")
+    model = lpt_model(1)
+    for module in model.modules():
+        if hasattr(module, "config"):
+            module.config._attn_implementation = "flex_attention"
+    refused(model, export_onnx, tmp_path, ValueError, "attention implementation 'flex_attention'.*sdpa")
+
+
+def test_bad_destinations_are_refused(tmp_path):
+    model = lpt_model(1)
+    with pytest.raises(ValueError, match=r"must end in '.pt2'"):
+        save_program(model, tmp_path / "model.onnx")
+    with pytest.raises(ValueError, match=r"must end in '.onnx'"):
+        export_onnx(model, tmp_path / "model.pt2")
+    existing = tmp_path / "model.pt2"
+    existing.write_bytes(b"keep me")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_program(model, existing)
+    assert existing.read_bytes() == b"keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2"]
+
+
+def test_classifier_preprocessing_size_must_match(tmp_path):
+    model = lpt_model(1)
+    model.save_pretrained(tmp_path / "adapter")
+    classifier = load_classifier(make_tiny_vit(seed=0, attn_implementation="sdpa"), tmp_path / "adapter",
+                                 device="cpu")  # fmt: skip
+    with pytest.raises(LPTUsageError, match="preprocessing crops 16 px"):
+        export_program(classifier, image_size=20)
+
+
+class _Tiny(torch.nn.Module):
+    def forward(self, pixel_values):
+        return (pixel_values.sum(dim=(1, 2, 3)),)
+
+
+def test_failed_trace_and_failed_write_leave_no_file(tmp_path, monkeypatch):
+    import lpt_peft.export as export
+
+    model = lpt_model(1)
+
+    def untraceable(*args, **kwargs):
+        raise torch._dynamo.exc.UserError(torch._dynamo.exc.UserErrorType.DYNAMIC_CONTROL_FLOW, "data-dependent if")
+
+    monkeypatch.setattr(torch.export, "export", untraceable)
+    refused(model, save_program, tmp_path, LPTExportError, r"could not trace .*ViTModel backbone.*data-dependent")
+    monkeypatch.undo()
+
+    # A write that fails half way (a full disk): the partial file is removed and an existing export survives.
+    small = torch.export.export(_Tiny(), (torch.randn(2, 3, 16, 16),))
+    monkeypatch.setattr(export, "_trace", lambda prepared, batch: small)
+    existing = tmp_path / "lpt.pt2"
+    existing.write_bytes(b"previous export")
+
+    def full_disk(program, path, **kwargs):
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch.export, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_program(model, existing, overwrite=True)
+    assert existing.read_bytes() == b"previous export"
+    assert [p.name for p in tmp_path.iterdir()] == ["lpt.pt2"]
+
+
+@needs_onnx
+def test_failed_onnx_conversion_leaves_no_file(tmp_path, monkeypatch):
+    import lpt_peft.export as export
+
+    small = torch.export.export(_Tiny(), (torch.randn(2, 3, 16, 16),))
+    monkeypatch.setattr(export, "_trace", lambda prepared, batch: small)
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("no symbolic function for aten::frobnicate")
+
+    monkeypatch.setattr(torch.onnx, "export", unsupported)
+    refused(lpt_model(1), export_onnx, tmp_path, LPTExportError, "ONNX exporter failed .*frobnicate")
