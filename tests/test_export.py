@@ -344,3 +344,33 @@ def test_demo_exports_predict_like_the_model_on_the_demo_test_set(phase, tmp_pat
     if phase == 2:  # the images do not all choose the same groups
         choices = {tuple(sorted(row)) for row in expected[1].tolist()}
         assert len(choices) >= 5, choices
+
+
+# ------------------------------------------------------------------------------------------------ the script
+def saved_base_and_adapter(folder: Path, phase: int) -> tuple[Path, Path]:
+    """A tiny ViT saved with save_pretrained, and an LPT adapter on it (what load_classifier loads from folders)."""
+    make_tiny_vit(seed=0, attn_implementation="sdpa").save_pretrained(folder / "base")
+    model = lpt_model(phase)
+    model.save_pretrained(folder / "adapter")
+    return folder / "base", folder / "adapter"
+
+
+def test_example_script_exports_and_checks(tmp_path, capsys):
+    from testing_utils import load_script
+
+    base, adapter = saved_base_and_adapter(tmp_path, phase=2)
+    script = load_script("export_lpt")
+    out = tmp_path / "exported"
+    results = script.main(["--adapter", str(adapter), "--base", str(base), "--output_dir", str(out),
+                           "--format", "pt2", "--check_batch_sizes", "1", "3"])  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == ["lpt.pt2"]
+    assert results["pt2"]["max_logit_difference"] <= ATOL
+    assert "max |logit difference|" in capsys.readouterr().out
+    assert read_export_metadata(out / "lpt.pt2")["phase"] == 2
+
+    # A size the backbone cannot run at: a usage error naming the flag, exit status 2, nothing written.
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--adapter", str(adapter), "--base", str(base), "--output_dir", str(tmp_path / "other"),
+                     "--image_size", "32"])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "--image_size" in capsys.readouterr().err and not (tmp_path / "other").exists()
