@@ -285,9 +285,11 @@ needs_demo_assets = pytest.mark.skipif(
 )
 
 
-def demo_adapter_folders(tmp_path) -> tuple[dict[int, Path], object]:
-    """A randomised LPT adapter on the demo backbone (DINOv2 ViT-S/14, 56 px), saved in phase 1 and in phase 2, with
-    the demo's preprocessing; the group keys are the queries of 20 training images (2 per class)."""
+@pytest.fixture(scope="module")
+def demo_adapters(tmp_path_factory) -> tuple[dict[int, Path], torch.Tensor]:
+    """A randomised LPT adapter on the demo backbone (DINOv2 ViT-S/14, 56 px), saved in phase 1 and in phase 2 with
+    the demo's preprocessing (the group keys are the queries of 20 training images, 2 per class), and the demo test
+    set (Fashion-MNIST, 200 images per class, as configs/demo_fashion_mnist.yaml) preprocessed as the adapter says."""
     from lpt_peft.data.registry import create_dataset
     from lpt_peft.data.transforms import LPTImageTransform, decode_image
     from lpt_peft.inference import save_preprocessing
@@ -302,13 +304,14 @@ def demo_adapter_folders(tmp_path) -> tuple[dict[int, Path], object]:
     randomize_adapter(model, seed=3, scale=0.05)
     model.base_model.set_phase(2)
     spread_group_keys(model, keys_from)
-    folders = {}
+    folders, root = {}, tmp_path_factory.mktemp("demo_adapters")
     for phase in (1, 2):
         model.base_model.set_phase(phase)
-        folders[phase] = tmp_path / f"phase{phase}"
+        folders[phase] = root / f"phase{phase}"
         model.save_pretrained(folders[phase])
         save_preprocessing(folders[phase], 56, mean=DEMO_BACKBONE_MEAN, std=DEMO_BACKBONE_STD)
-    return folders, data.test
+    assert len(data.test) == 2000
+    return folders, torch.stack([transform(decode_image(image)) for image in data.test["image"]])
 
 
 def batched(run, x: torch.Tensor, batch: int = 125) -> list[torch.Tensor]:
@@ -319,13 +322,12 @@ def batched(run, x: torch.Tensor, batch: int = 125) -> list[torch.Tensor]:
 @pytest.mark.slow
 @needs_demo_assets
 @pytest.mark.parametrize("phase", [1, 2])
-def test_demo_exports_predict_like_the_model_on_the_demo_test_set(phase, tmp_path):
+def test_demo_exports_predict_like_the_model_on_the_demo_test_set(phase, demo_adapters, tmp_path):
     """The demo backbone with an adapter folder, exported both ways, on the demo's 2,000 test images."""
     import onnxruntime
 
-    folders, test = demo_adapter_folders(tmp_path)
+    folders, x = demo_adapters
     classifier = load_classifier("demo", folders[phase], device="cpu")
-    x = torch.stack([classifier.preprocess(image) for image in test["image"]])
     program = load_program(save_program(folders[phase], tmp_path / "demo.pt2", base_model="demo"))
     session = onnxruntime.InferenceSession(str(export_onnx(classifier, tmp_path / "demo.onnx")))
     assert read_export_metadata(tmp_path / "demo.onnx")["preprocessing"]["mean"] == list(classifier.transform.mean)
