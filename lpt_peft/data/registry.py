@@ -305,3 +305,8 @@ def dataset_from_args(args: Any) -> LongTailDataset:
 def registered_builders() -> Iterable[tuple[str, Callable[..., LongTailDataset]]]:
     """`(name, builder)` pairs, sorted by name."""
     return sorted(_REGISTRY.items())
+
+
+# The built-in data sets register themselves when their modules load. `lpt_peft.data` imports lazily, so the registry
+# loads them, and `from lpt_peft.data.registry import create_dataset` sees them all.
+from lpt_peft.data import benchmarks, fashion_mnist, hub, synthetic  # noqa: E402, F401
