@@ -19,6 +19,7 @@ from transformers import ViTModel
 
 import lpt_peft
 from lpt_peft.evaluation.model_card import hub_dataset_id
+from lpt_peft.inference import adapter_record
 
 GROUPS = {
     "overall": "Top-1 accuracy (overall)",
@@ -87,6 +88,7 @@ def test_every_adapter_folder_of_a_run_has_a_valid_card(finished_run):
         assert "base_model" not in metadata and not any(t.startswith("base_model:") for t in metadata["tags"])
         assert "datasets" not in metadata
         assert "- Base model: `tiny-random`" in card.text and "- Data set: synthetic" in card.text
+        assert metadata["lpt_data"]["dataset"] == "synthetic"  # where evaluate_lpt.py --adapter reads it
         phase = json.loads((folder / "adapter_config.json").read_text())["phase"]
         if folder.parent == out:  # phase1/, phase2/: saved again after the test evaluation, with its results
             row = rows[f"LPT phase {phase}"]
@@ -139,7 +141,7 @@ def test_results_become_a_model_index_and_leave_with_them(tmp_path):
     model.base_model.card_info = {"dataset": "someone/flowers", "results": results, "repo_id": "me/lpt-flowers"}
     model.save_pretrained(tmp_path / "a")
     metadata, card = parsed_card(tmp_path / "a")
-    assert metadata["datasets"] == ["someone/flowers"]
+    assert metadata["datasets"] == ["someone/flowers"] and metadata["lpt_data"] == {"dataset": "someone/flowers"}
     assert eval_metrics(metadata) == {GROUPS["overall"]: 51.25, GROUPS["many"]: 60.0, GROUPS["medium"]: 45.5}
     assert card.data.model_name == "me/lpt-flowers" and "| 51.25 | 60.00 | 45.50 | n/a |" in card.text
     # Several methods: only this adapter's row (phase 1) goes into the model-index.
@@ -151,6 +153,12 @@ def test_results_become_a_model_index_and_leave_with_them(tmp_path):
     model.save_pretrained(tmp_path / "a")
     metadata, _ = parsed_card(tmp_path / "a")
     assert "model-index" not in metadata and "datasets" not in metadata
+    assert adapter_record(tmp_path / "a")["dataset"] == str(tmp_path)  # the data set is still recorded
+    # `hfds/<id>`: the Hub id in `datasets`, the option as given in the record.
+    model.base_model.card_info = {"dataset": "hfds/beans"}
+    model.save_pretrained(tmp_path / "a")
+    assert parsed_card(tmp_path / "a")[0]["datasets"] == ["beans"]
+    assert adapter_record(tmp_path / "a")["dataset"] == "hfds/beans"
     check_common_fields(metadata)
 
 

@@ -314,8 +314,13 @@ def _clean_metadata(card: ModelCard, base: str | None, info: Mapping[str, Any], 
         data["datasets"] = [hub_dataset]
     else:  # a registered name or a local folder is not a Hub data set; the card's text names it
         data.pop("datasets", None)
+    # Machine-readable, for `examples/evaluate_lpt.py --adapter` (`lpt_peft.inference.adapter_record`): the run's
+    # --dataset exactly as given (`datasets` holds Hub ids only) and the options that rebuild its test split.
+    recorded = {"dataset": info["dataset"]} if info.get("dataset") else {}
     if isinstance(info.get("data"), Mapping):
-        data["lpt_data"] = dict(info["data"])  # machine-readable: examples/evaluate_lpt.py rebuilds the split
+        recorded.update(info["data"])
+    if recorded:
+        data["lpt_data"] = recorded
     if has_results:
         data["metrics"] = sorted(set(data.get("metrics") or []) | {"accuracy"})
     data.eval_results = _eval_results(info, phase) or None
