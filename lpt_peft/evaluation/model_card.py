@@ -6,12 +6,12 @@ and the exact lines to load and run it, `import lpt_peft` first. Optional facts 
 
 | key | type | shown as |
 |---|---|---|
-| `dataset` | str | data set line; also the card's `datasets` metadata |
+| `dataset` | str | data set line; metadata `lpt_data.dataset`, and `datasets` when it is a Hub id |
 | `results_markdown` | str | the Results section, verbatim (e.g. from `format_results_table`) |
-| `results` | dict | table when `results_markdown` is absent: `{"overall", "many", "medium", "few"}` or `{row: dict}` |
+| `results` | dict | `{"overall", ...}` or `{row: dict}`: the table (if no `results_markdown`); `model-index` |
 | `grouping` | `"standard"` or `"author"` | the shot-group thresholds under the table |
 | `base_model` | str | the base shown in the code (e.g. a Hub id) instead of the adapter config's path |
-| `repo_id` | str | the adapter id shown in the code instead of a placeholder |
+| `repo_id` | str | the adapter id shown in the code instead of a placeholder; the `model-index` name |
 | `preprocessing` | dict | `image_size`, `resize_size`, `mean`, `std` |
 | `notes` | str or list of str | extra bullet points (e.g. provenance) |
 | `data` | dict | data-set options that rebuild the test split (e.g. `max_test_per_class`); metadata `lpt_data` |
