@@ -309,11 +309,12 @@ def _clean_metadata(card: ModelCard, base: str | None, info: Mapping[str, Any], 
     data["library_name"] = "peft"
     data["tags"] = sorted(tags)
     data["pipeline_tag"] = "image-classification"
-    hub_dataset = hub_dataset_id(info.get("dataset"))
-    if hub_dataset:
-        data["datasets"] = [hub_dataset]
-    else:  # a registered name or a local folder is not a Hub data set; the card's text names it
-        data.pop("datasets", None)
+    if info.get("dataset"):
+        hub_dataset = hub_dataset_id(info["dataset"])
+        if hub_dataset:
+            data["datasets"] = [hub_dataset]
+        else:  # a registered name or a local folder is not a Hub data set; the card's text names it
+            data.pop("datasets", None)
     # Machine-readable, for `examples/evaluate_lpt.py --adapter` (`lpt_peft.inference.adapter_record`): the run's
     # --dataset exactly as given (`datasets` holds Hub ids only) and the options that rebuild its test split.
     recorded = {"dataset": info["dataset"]} if info.get("dataset") else {}
@@ -323,6 +324,7 @@ def _clean_metadata(card: ModelCard, base: str | None, info: Mapping[str, Any], 
         data["lpt_data"] = recorded
     if has_results:
         data["metrics"] = sorted(set(data.get("metrics") or []) | {"accuracy"})
+    # Results of other weights must not stay: the model-index always describes the weights saved with the card.
     data.eval_results = _eval_results(info, phase) or None
     data.model_name = (info.get("repo_id") or f"lpt-phase{phase}") if data.eval_results else None
 
