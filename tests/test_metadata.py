@@ -345,8 +345,8 @@ def test_evaluate_script_needs_no_data_flag_when_the_folders_are_recorded(imagef
     adapter = tmp_path / "phase2"
     shutil.copytree(root / "out" / "phase2", adapter)
     card = ModelCard.load(adapter / "README.md")
-    card.data["lpt_data"] = {"train_dir": str(root / "train"), "test_dir": str(root / "test"), "val_dir": None,
-                             "verify_images": False, "max_test_per_class": None}  # fmt: skip
+    card.data["lpt_data"] = {**card.data["lpt_data"], "train_dir": str(root / "train"), "test_dir": str(root / "test"),
+                             "val_dir": None, "verify_images": False, "max_test_per_class": None}  # fmt: skip
     card.save(adapter / "README.md")
     result = load_script("evaluate_lpt").main(["--adapter", str(adapter), "--num_workers", "0"])
     assert result["overall"] == pytest.approx(rows["LPT phase 2"]["overall"], abs=1e-9)

@@ -278,5 +278,5 @@ def test_the_adapter_records_the_data_sets_own_options(tmp_path):
     import yaml
 
     recorded = yaml.safe_load(card.split("---")[1])["lpt_data"]
-    assert recorded == {"train_dir": base["train_dir"], "test_dir": base["test_dir"], "val_dir": base["val_dir"],
-                        "max_test_per_class": None, "verify_images": False}  # fmt: skip
+    assert recorded == {"dataset": "imagefolder", "train_dir": base["train_dir"], "test_dir": base["test_dir"],
+                        "val_dir": base["val_dir"], "max_test_per_class": None, "verify_images": False}  # fmt: skip

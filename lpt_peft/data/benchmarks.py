@@ -11,11 +11,10 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import datasets
 import numpy as np
 import PIL.Image
-from datasets import load_dataset, load_from_disk
 
+from lpt_peft._extras import requires_extras
 from lpt_peft.data.long_tail import (
     LongTailDataset,
     count_labels,
@@ -26,6 +25,10 @@ from lpt_peft.data.long_tail import (
 )
 from lpt_peft.data.registry import register_dataset
 from lpt_peft.data.transforms import IMAGE_DECODE_ERRORS
+
+with requires_extras(__name__):
+    import datasets
+    from datasets import load_dataset, load_from_disk
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +51,6 @@ INATURALIST_HINT = (
     "https://github.com/visipedia/inat_comp/tree/master/2018 and pass the directory that contains the extracted "
     "`train_val2018/` folder as `root`."
 )
-
 
 def _image_features(class_names: Sequence[str]) -> datasets.Features:
     return datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(class_names))})

@@ -6,9 +6,9 @@ import gzip
 import os
 from pathlib import Path
 
-import datasets
 import numpy as np
 
+from lpt_peft._extras import requires_extras
 from lpt_peft.data.long_tail import (
     LongTailDataset,
     count_labels,
@@ -17,6 +17,9 @@ from lpt_peft.data.long_tail import (
     make_long_tailed,
 )
 from lpt_peft.data.registry import register_dataset
+
+with requires_extras(__name__):
+    import datasets
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_HUB_ID = "zalando-datasets/fashion_mnist"

@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import datasets
 import numpy as np
 
+from lpt_peft._extras import requires_extras
 from lpt_peft.data.long_tail import (
     LongTailDataset,
     labels_as_numpy,
@@ -20,6 +20,9 @@ from lpt_peft.data.long_tail import (
     make_long_tailed,
 )
 from lpt_peft.data.registry import HUB_BUILDER, register_dataset
+
+with requires_extras(__name__):
+    import datasets
 
 PROFILES = ("none", "exponential")
 # Defaults of the options that only apply to a subsampled profile; other values with profile "none" are refused.

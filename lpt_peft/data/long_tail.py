@@ -8,12 +8,15 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import datasets
 import numpy as np
-import pyarrow as pa
-from datasets.table import InMemoryTable
 
+from lpt_peft._extras import requires_extras
 from lpt_peft.checks import check_int
+
+with requires_extras(__name__):
+    import datasets
+    import pyarrow as pa
+    from datasets.table import InMemoryTable
 
 
 @dataclass

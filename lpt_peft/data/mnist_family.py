@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import os
 
-import datasets
 import numpy as np
-import pyarrow as pa
-from datasets.table import InMemoryTable
 
+from lpt_peft._extras import requires_extras
 from lpt_peft.data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_fashion_mnist
 from lpt_peft.data.long_tail import (
     LongTailDataset,
@@ -40,6 +38,11 @@ from lpt_peft.data.mnist import (
     shuffled_class_order,
 )
 from lpt_peft.data.registry import register_dataset
+
+with requires_extras(__name__):
+    import datasets
+    import pyarrow as pa
+    from datasets.table import InMemoryTable
 
 ANIMAL_MNIST_PACKAGE = "animal-mnist==0.4"
 ANIMAL_MNIST_CLASSES = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]

@@ -305,3 +305,20 @@ def dataset_from_args(args: Any) -> LongTailDataset:
 def registered_builders() -> Iterable[tuple[str, Callable[..., LongTailDataset]]]:
     """`(name, builder)` pairs, sorted by name."""
     return sorted(_REGISTRY.items())
+
+
+def _load_builtin_datasets() -> None:
+    """Import every module of `lpt_peft.data`: the built-in data sets register themselves when their module loads.
+
+    `lpt_peft.data` imports lazily (inference needs none of this), so the registry loads them, and
+    `from lpt_peft.data.registry import create_dataset` sees them all, a data-set module added later included.
+    """
+    import importlib
+    import pkgutil
+
+    package = importlib.import_module("lpt_peft.data")
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{module.name}")
+
+
+_load_builtin_datasets()

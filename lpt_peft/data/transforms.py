@@ -6,9 +6,8 @@ import io
 import math
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
@@ -16,6 +15,9 @@ import torch
 
 from lpt_peft.checks import check_int
 from lpt_peft.data.seeding import torch_generator
+
+if TYPE_CHECKING:  # imported where used: inference needs this module without the training extras
+    import datasets
 
 _RESAMPLING = {
     "nearest": PIL.Image.Resampling.NEAREST,
@@ -305,6 +307,8 @@ class TransformedImageDataset(torch.utils.data.Dataset):
                 raise ValueError(
                     f"Column {column!r} not found; the dataset has columns {dataset.column_names}. Pass `{name}=`."
                 )
+        import datasets  # a `datasets.Dataset` was passed in, so the package is installed
+
         if isinstance(dataset.features[image_column], datasets.Image):
             dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
         self.dataset = dataset.select_columns([image_column, label_column])

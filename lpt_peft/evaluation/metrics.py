@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lpt_peft._extras import requires_extras
 from lpt_peft.checks import check_int
 
 SHOT_GROUPINGS = ("standard", "author")
@@ -348,7 +349,9 @@ def load_shot_accuracy_metric(**kwargs: Any):
     50.0
     ```
     """
-    import evaluate  # deferred: importing evaluate costs seconds and most users of this module do not need it
+    # deferred: importing evaluate costs seconds and most users of this module do not need it
+    with requires_extras(__name__):
+        import evaluate
 
     script = METRIC_SCRIPT_DIR / "shot_accuracy.py"
     if not script.is_file():

@@ -6,12 +6,12 @@ and the exact lines to load and run it, `import lpt_peft` first. Optional facts 
 
 | key | type | shown as |
 |---|---|---|
-| `dataset` | str | data set line; also the card's `datasets` metadata |
+| `dataset` | str | data set line; metadata `lpt_data.dataset`, and `datasets` when it is a Hub id |
 | `results_markdown` | str | the Results section, verbatim (e.g. from `format_results_table`) |
-| `results` | dict | table when `results_markdown` is absent: `{"overall", "many", "medium", "few"}` or `{row: dict}` |
+| `results` | dict | `{"overall", ...}` or `{row: dict}`: the table (if no `results_markdown`); `model-index` |
 | `grouping` | `"standard"` or `"author"` | the shot-group thresholds under the table |
 | `base_model` | str | the base shown in the code (e.g. a Hub id) instead of the adapter config's path |
-| `repo_id` | str | the adapter id shown in the code instead of a placeholder |
+| `repo_id` | str | the adapter id shown in the code instead of a placeholder; the `model-index` name |
 | `preprocessing` | dict | `image_size`, `resize_size`, `mean`, `std` |
 | `notes` | str or list of str | extra bullet points (e.g. provenance) |
 | `data` | dict | data-set options that rebuild the test split (e.g. `max_test_per_class`); metadata `lpt_data` |
@@ -20,6 +20,11 @@ and the exact lines to load and run it, `import lpt_peft` first. Optional facts 
 Each adapter folder's card describes the adapter stored there (its phase, classes, sizes); the base is written as a
 Hub id, a built-in backbone name (`demo`, `tiny-random`) or an absolute path, never as a path relative to the
 directory the model was saved from.
+
+The card's metadata is what the Hub validates (`huggingface_hub.ModelCardData`): `library_name: peft`,
+`pipeline_tag: image-classification`, `tags` (peft, lpt, ...), `base_model` only when the base is a Hub id (a
+built-in backbone or a local path is named in the text instead), `datasets` only when the data set is a Hub id, and
+a `model-index` with the test accuracy (overall / many / medium / few, in %) when `results` holds this adapter's row.
 
 The LPT part of the card sits between two HTML comments and is rewritten on every save; text outside them is kept.
 peft's empty template is replaced by the LPT card on the first save.
@@ -33,7 +38,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from huggingface_hub import ModelCard
+from huggingface_hub import EvalResult, ModelCard
 
 _MARKER = "<!-- lpt-peft section -->"
 _END_MARKER = "<!-- /lpt-peft section -->"
@@ -71,7 +76,33 @@ def looks_like_hub_id(name: str | None) -> bool:
 
 
 def _looks_like_hub_id(name: str | None) -> bool:
-    return looks_like_hub_id(name) and not os.path.exists(name)
+    from lpt_peft.backbones import BUILTIN_BACKBONES
+
+    return looks_like_hub_id(name) and name not in BUILTIN_BACKBONES and not os.path.exists(name)
+
+
+# `--dataset hfds/<id or path>` (lpt_peft.data.registry.HUB_BUILDER); not imported here: the registry needs `datasets`.
+_HUB_DATASET_PREFIX = "hfds/"
+
+
+def hub_dataset_id(dataset: str | None) -> str | None:
+    """The Hub id of a training `--dataset`, or None for a registered name, a local folder or nothing.
+
+    Args:
+        dataset: The data set as the run recorded it: a registered name (`synthetic`, `places_lt`), an `owner/name`
+            Hub id, `hfds/<id or path>`, or a local path.
+
+    Returns:
+        `owner/name` (or `name` after `hfds/`) when it can only be a Hub id; None otherwise.
+    """
+    if not dataset:
+        return None
+    explicit = dataset.startswith(_HUB_DATASET_PREFIX)
+    candidate = dataset.removeprefix(_HUB_DATASET_PREFIX)
+    if os.path.exists(os.path.expanduser(candidate)) or not looks_like_hub_id(candidate):
+        return None
+    # Without the prefix, only `owner/name` is a Hub id: a single word is a registered data set's name.
+    return candidate if explicit or "/" in candidate else None
 
 
 def card_base_reference(base: str | None) -> str | None:
@@ -265,24 +296,83 @@ def _results_lines(info: Mapping[str, Any], phase: int, h: str) -> list[str]:
     return lines
 
 
-def _clean_metadata(card: ModelCard, base: str | None, info: Mapping[str, Any], has_results: bool) -> None:
-    dataset = info.get("dataset")
-    tags = {t for t in (card.data.get("tags") or []) if not str(t).startswith("base_model:adapter:")}
-    tags |= {"lpt", "long-tailed", "prompt-tuning", "image-classification", "vision"}
+def _clean_metadata(card: ModelCard, base: str | None, info: Mapping[str, Any], phase: int, has_results: bool) -> None:
+    data = card.data
+    tags = {t for t in (data.get("tags") or []) if not str(t).startswith("base_model:adapter:")}
+    tags |= {"peft", "lpt", "long-tailed", "prompt-tuning", "image-classification", "vision"}
     # The Hub rejects a `base_model` that is not a Hub id, and peft writes whatever path the base came from.
     if _looks_like_hub_id(base):
-        card.data["base_model"] = base
+        data["base_model"] = base
         tags.add(f"base_model:adapter:{base}")
     else:
-        card.data.pop("base_model", None)
-    card.data["tags"] = sorted(tags)
-    card.data["pipeline_tag"] = "image-classification"
-    if dataset:
-        card.data["datasets"] = [dataset]
+        data.pop("base_model", None)
+    data["library_name"] = "peft"
+    data["tags"] = sorted(tags)
+    data["pipeline_tag"] = "image-classification"
+    if info.get("dataset"):
+        hub_dataset = hub_dataset_id(info["dataset"])
+        if hub_dataset:
+            data["datasets"] = [hub_dataset]
+        else:  # a registered name or a local folder is not a Hub data set; the card's text names it
+            data.pop("datasets", None)
+    # Machine-readable, for `examples/evaluate_lpt.py --adapter` (`lpt_peft.inference.adapter_record`): the run's
+    # --dataset exactly as given (`datasets` holds Hub ids only) and the options that rebuild its test split.
+    recorded = {"dataset": info["dataset"]} if info.get("dataset") else {}
     if isinstance(info.get("data"), Mapping):
-        card.data["lpt_data"] = dict(info["data"])  # machine-readable: examples/evaluate_lpt.py rebuilds the split
+        recorded.update(info["data"])
+    if recorded:
+        data["lpt_data"] = recorded
     if has_results:
-        card.data["metrics"] = sorted(set(card.data.get("metrics") or []) | {"accuracy"})
+        data["metrics"] = sorted(set(data.get("metrics") or []) | {"accuracy"})
+    # Results of other weights must not stay: the model-index always describes the weights saved with the card.
+    data.eval_results = _eval_results(info, phase) or None
+    data.model_name = (info.get("repo_id") or f"lpt-phase{phase}") if data.eval_results else None
+
+
+# Metric names in the model-index, by key of a `shot_accuracy` result.
+_EVAL_METRICS = {
+    "overall": "Top-1 accuracy (overall)",
+    "many": "Top-1 accuracy (many-shot)",
+    "medium": "Top-1 accuracy (medium-shot)",
+    "few": "Top-1 accuracy (few-shot)",
+}
+
+
+def _own_results(info: Mapping[str, Any], phase: int) -> Mapping[str, Any] | None:
+    """This adapter's row of `results`: the dict itself, or its `LPT phase N` row among several methods."""
+    results = info.get("results")
+    if not isinstance(results, Mapping) or not results:
+        return None
+    if "overall" in results:
+        return results
+    row = results.get(f"LPT phase {phase}", results.get(f"LPT (phase {phase})"))
+    return row if isinstance(row, Mapping) else None
+
+
+def _eval_results(info: Mapping[str, Any], phase: int) -> list[EvalResult]:
+    """The test accuracies (%) of this adapter as Hub eval results; groups without a value (no class) are left out."""
+    row = _own_results(info, phase)
+    dataset = str(info.get("dataset") or "")
+    if row is None or not dataset:
+        return []
+    dataset_id = hub_dataset_id(dataset) or os.path.basename(os.path.normpath(dataset))
+    results = []
+    for key, name in _EVAL_METRICS.items():
+        value = row.get(key)
+        if isinstance(value, (int, float)) and value == value:  # NaN: an empty shot group
+            results.append(
+                EvalResult(
+                    task_type="image-classification",
+                    task_name="Long-tailed image classification",
+                    dataset_type=dataset_id,
+                    dataset_name=dataset_id,
+                    dataset_split="test",
+                    metric_type="accuracy",
+                    metric_name=name,
+                    metric_value=round(float(value), 4),
+                )
+            )
+    return results
 
 
 def add_lpt_section(peft_model, card_path: str, adapter_name: str | None = None) -> None:
@@ -329,5 +419,5 @@ def add_lpt_section(peft_model, card_path: str, adapter_name: str | None = None)
     lines = _section(peft_model, config, info, with_title)
     card.text = before + "\n".join(lines) + after.rstrip() + "\n"
     base = card_base_reference(info.get("base_model") or config.base_model_name_or_path)
-    _clean_metadata(card, base, info, bool(_results_markdown(info, config.phase)))
+    _clean_metadata(card, base, info, config.phase, bool(_results_markdown(info, config.phase)))
     card.save(card_path)

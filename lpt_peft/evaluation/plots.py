@@ -13,8 +13,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+
+from lpt_peft._extras import requires_extras
+
+with requires_extras(__name__):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
 __all__ = ["plot_benchmark_bars", "plot_class_group_heatmap", "plot_group_usage", "plot_per_class_accuracy"]
 

@@ -172,7 +172,10 @@ def resample_position_embeddings(position_embeddings: torch.Tensor, grid_size: i
 
 
 def _load_onnx(onnx_path: str | os.PathLike):
-    import onnx  # optional dependency (extra `demo`)
+    from lpt_peft._extras import requires_extras
+
+    with requires_extras(__name__):
+        import onnx
 
     path = Path(onnx_path)
     if not path.is_file():

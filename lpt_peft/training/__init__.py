@@ -10,39 +10,23 @@
 - `loop`: [`train_phase`] (objective and sampler as arguments), [`evaluate`], callbacks;
 - `run`: the whole run ([`run_training`]) with baselines, results, plots and Hub push; [`evaluate_adapter`];
 - `baselines`: linear probes on frozen features.
+
+Everything here needs `pip install 'lpt-peft[train]'`; the names load on first access, so that importing the package
+costs nothing until one is used.
 """
 
-from lpt_peft.training.arguments import LPTTrainingArguments, parse_training_args
-from lpt_peft.training.builders import build_peft_model, objective_from_args, sampler_from_args
-from lpt_peft.training.checkpointing import CheckpointManager, TrainerState
-from lpt_peft.training.data import build_dataset, check_dataset, make_eval_loader, make_train_loader
-from lpt_peft.training.loop import TrainingCallback, evaluate, train_phase
-from lpt_peft.training.losses import LOSSES, LPTObjective, build_loss, register_loss
-from lpt_peft.training.run import evaluate_adapter, run_training
-from lpt_peft.training.samplers import SAMPLERS, create_sampler, register_sampler
+from lpt_peft._extras import lazy_exports
 
-__all__ = [
-    "LOSSES",
-    "SAMPLERS",
-    "CheckpointManager",
-    "LPTObjective",
-    "LPTTrainingArguments",
-    "TrainerState",
-    "TrainingCallback",
-    "build_dataset",
-    "build_loss",
-    "build_peft_model",
-    "check_dataset",
-    "create_sampler",
-    "evaluate",
-    "evaluate_adapter",
-    "make_eval_loader",
-    "make_train_loader",
-    "objective_from_args",
-    "parse_training_args",
-    "register_loss",
-    "register_sampler",
-    "run_training",
-    "sampler_from_args",
-    "train_phase",
-]
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "lpt_peft.training.arguments": ["LPTTrainingArguments", "parse_training_args"],
+        "lpt_peft.training.builders": ["build_peft_model", "objective_from_args", "sampler_from_args"],
+        "lpt_peft.training.checkpointing": ["CheckpointManager", "TrainerState"],
+        "lpt_peft.training.data": ["build_dataset", "check_dataset", "make_eval_loader", "make_train_loader"],
+        "lpt_peft.training.loop": ["TrainingCallback", "evaluate", "train_phase"],
+        "lpt_peft.training.losses": ["LOSSES", "LPTObjective", "build_loss", "register_loss"],
+        "lpt_peft.training.run": ["evaluate_adapter", "run_training"],
+        "lpt_peft.training.samplers": ["SAMPLERS", "create_sampler", "register_sampler"],
+    },
+)

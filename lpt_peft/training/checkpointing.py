@@ -252,7 +252,10 @@ def dataset_fingerprint(dataset) -> str | None:
     """
     import hashlib
 
-    import datasets
+    from lpt_peft._extras import requires_extras
+
+    with requires_extras(__name__):
+        import datasets
 
     if dataset is None:
         return None

@@ -175,6 +175,7 @@ def _report_phase(model, name: str, result, best, data, args) -> dict[str, dict[
     rows = _merge_json(output_dir / "results.json", {name: {**_summary(result), **best}})
     # The card of the pushed/saved adapter shows the test table of this run.
     model.base_model.card_info["results_markdown"] = format_results_table(rows)
+    model.base_model.card_info["results"] = rows  # the card's model-index takes this adapter's row from here
     per_class = _merge_json(output_dir / "per_class_accuracy.json", {name: result["per_class"]})
     save_results(rows, output_dir)
     if "group_usage" in result:
