@@ -25,7 +25,7 @@ COMMON = [
     "--num_classes", "6", "--n_max", "40", "--imbalance", "10", "--val_per_class", "4",
     "--batch_size", "8", "--num_groups", "4", "--shared_layers", "2", "--num_workers", "0",
     "--report_to", "none", "--learning_rate", "0.5", "--epochs_phase1", "2", "--epochs_phase2", "1",
-    "--max_steps_per_epoch", "3", "--checkpointing_steps", "2",
+    "--max_steps_per_epoch", "3", "--checkpointing_steps", "2", "--lr_trial_steps", "2",
 ]  # fmt: skip
 
 
