@@ -52,7 +52,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -820,6 +820,16 @@ def profile_config(spec: str, systems: dict, inputs: dict, settings: Settings, d
 
 
 # ---------------------------------------------------------------------------------------------------- main
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated sizes such as 1,32,128, got {text!r}") from err
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
+    return sizes
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
@@ -827,6 +837,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--device", help="Override the preset's device (cpu, cuda, cuda:1, ...).")
     parser.add_argument("--batch-size", type=int, help="B: inference batch; a training step uses 2B (dual sampling).")
+    parser.add_argument(
+        "--batch_sizes",
+        "--batch-sizes",
+        dest="batch_sizes",
+        type=_batch_sizes,
+        help="Sweep: run the whole benchmark once per B, e.g. 1,32,128 (overrides --batch-size); one report per B.",
+    )
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--repeats", type=int, help="Measured training rounds (each runs every configuration once).")
     parser.add_argument("--infer-repeats", type=int, help="Measured inference rounds (default: 3 x --repeats).")
@@ -956,17 +973,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory_worker:
         print(MEMORY_RESULT_TAG + json.dumps(memory_worker(args.memory_worker, settings)), flush=True)
         return 0
-    start = time.perf_counter()
-    results = run_benchmark(args, settings)
-    results["wall_seconds"] = time.perf_counter() - start
-    print_report(results)
-    print(f"\ntotal wall time: {results['wall_seconds']:.0f} s")
+    sweep = args.batch_sizes or [settings.batch_size]
+    runs = {}
+    for batch_size in sweep:
+        start = time.perf_counter()
+        results = run_benchmark(args, replace(settings, batch_size=batch_size))
+        results["wall_seconds"] = time.perf_counter() - start
+        if len(sweep) > 1:
+            print(f"\n==== batch size B = {batch_size}")
+        print_report(results)
+        print(f"\ntotal wall time: {results['wall_seconds']:.0f} s")
+        runs[batch_size] = results
+    # One batch size: the results as before; a sweep: {B: results} and one markdown section per B.
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(results, indent=2, default=str))
+        payload = runs[sweep[0]] if len(sweep) == 1 else {str(b): r for b, r in runs.items()}
+        args.json_out.write_text(json.dumps(payload, indent=2, default=str))
     if args.markdown_out:
         args.markdown_out.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown_out.write_text(markdown_report(results))
+        sections = [
+            markdown_report(r) if len(sweep) == 1 else f"## B = {b}\n\n{markdown_report(r)}" for b, r in runs.items()
+        ]
+        args.markdown_out.write_text("\n\n".join(sections))
     return 0
 
 

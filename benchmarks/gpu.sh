@@ -40,19 +40,15 @@ echo "gpu.sh: [1/3] preset, batch 128, with profiles"
 "${BENCH[@]}" --batch-size 128 "${PROFILES[@]}" --json-out "$RESULTS/b128.json" --markdown-out "$RESULTS/b128.md" \
     2>&1 | tee "$RESULTS/b128.log"
 # 2. B = 32 and B = 1 (launch-bound), inference ratios; memory as a side product.
-for batch in 32 1; do
-    echo "gpu.sh: [2/3] preset, batch $batch"
-    "${BENCH[@]}" --batch-size "$batch" --configs frozen lpt_phase1 lpt_phase2 --json-out "$RESULTS/b$batch.json" \
-        --markdown-out "$RESULTS/b$batch.md" 2>&1 | tee "$RESULTS/b$batch.log"
-done
+echo "gpu.sh: [2/3] preset, batch sweep 32,1"
+"${BENCH[@]}" --batch_sizes 32,1 --configs frozen lpt_phase1 lpt_phase2 --json-out "$RESULTS/sweep.json" \
+    --markdown-out "$RESULTS/sweep.md" 2>&1 | tee "$RESULTS/sweep.log"
 # 2b. The compiled probe: every configuration under torch.compile (default mode), B = 128 and 32. The floor is the
 #     faster of the eager (above) and compiled frozen ViT.
-for batch in 128 32; do
-    echo "gpu.sh: [2b/3] compiled, batch $batch"
-    "${BENCH[@]}" --batch-size "$batch" --compile --configs frozen lpt_phase1 lpt_phase2 \
-        --json-out "$RESULTS/b$batch-compiled.json" --markdown-out "$RESULTS/b$batch-compiled.md" \
-        2>&1 | tee "$RESULTS/b$batch-compiled.log"
-done
+echo "gpu.sh: [2b/3] compiled, batch sweep 128,32"
+"${BENCH[@]}" --batch_sizes 128,32 --compile --configs frozen lpt_phase1 lpt_phase2 \
+    --json-out "$RESULTS/sweep-compiled.json" --markdown-out "$RESULTS/sweep-compiled.md" \
+    2>&1 | tee "$RESULTS/sweep-compiled.log"
 # 3. The GPU smoke tests (written by another change; run when present).
 if [[ -x scripts/gpu_smoke.sh ]]; then
     echo "gpu.sh: [3/3] scripts/gpu_smoke.sh"

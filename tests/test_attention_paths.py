@@ -41,6 +41,45 @@ def test_project_after_prompts_equals_cat_and_has_its_gradient(with_bias):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
+def _saved_bytes(fn, *args) -> int:
+    """Bytes of the distinct tensors autograd keeps for the backward of `fn(*args)` (saved-tensor hooks)."""
+    saved = {}
+
+    def pack(tensor):
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = fn(*args)
+    return out, sum(saved.values())
+
+
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen_projection", "trainable_projection"])
+def test_project_after_prompts_saves_no_more_than_linear_and_cat(frozen):
+    """Peak training memory: with a frozen projection (every LPT phase) the tokens must not be kept for the backward
+    (F.linear does not keep them either); with a trainable one, the same tensors as F.linear. Gradients stay exact."""
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randn(4, 9, 8, dtype=torch.double, generator=gen)  # a frozen layer's normed input: no grad
+    weight = torch.randn(8, 8, dtype=torch.double, generator=gen, requires_grad=not frozen)
+    bias = torch.randn(8, dtype=torch.double, generator=gen, requires_grad=not frozen)
+    shared = torch.randn(1, 2, 8, dtype=torch.double, generator=gen, requires_grad=True)
+    args = (tokens, weight, bias, shared)
+    ours, our_bytes = _saved_bytes(_ProjectAfterPrompts.apply, *args)
+    reference, reference_bytes = _saved_bytes(_reference, *args)
+    assert our_bytes <= reference_bytes, f"saved {our_bytes} bytes for backward, linear + cat {reference_bytes}"
+    if frozen:
+        assert our_bytes == 0
+    inputs = [a for a in args if a.requires_grad]
+    probe = torch.randn(4, 11, 8, dtype=torch.double, generator=gen)
+    for got, want in zip(
+        torch.autograd.grad((ours * probe).sum(), inputs),
+        torch.autograd.grad((reference * probe).sum(), inputs),
+        strict=True,
+    ):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(_ProjectAfterPrompts.apply, args)
+
+
 def _cat_count(model, x) -> int:
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
         model(pixel_values=x)

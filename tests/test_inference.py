@@ -387,3 +387,38 @@ def test_predict_script_names_the_flag_when_writing_fails(saved, tmp_path, capsy
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and f"--json_out {tmp_path / 'x.json'}: cannot write" in error
     assert "No space left on device" in error
+
+
+def test_compiled_classifier_equals_eager_without_recompiling(saved):
+    """`compile=True`: logits equal the eager classifier's to 1e-5 (fp32); batches of one size reuse one graph
+    whatever phase 2's per-image group choice (different images pick different groups), so no recompilation."""
+    from torch._dynamo.utils import counters
+
+    path, model = saved  # the phase-2 adapter: per-image group choice
+    transform = load_preprocessing(path / "adapter")
+    eager = LPTImageClassifier(model, transform=transform, device="cpu", batch_size=4)
+    compiled = LPTImageClassifier(model, transform=transform, device="cpu", batch_size=4, compile=True)
+    assert compiled.compile_mode == "default" and eager.compile_mode is None
+    rng = np.random.default_rng(0)
+    batches = [[rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for _ in range(4)] for _ in range(3)]
+    torch._dynamo.reset()
+    counters.clear()
+    groups = []
+    for i, images in enumerate(batches):
+        torch.testing.assert_close(compiled.logits(images), eager.logits(images), rtol=0, atol=1e-5)
+        with torch.no_grad():
+            out = model(pixel_values=torch.stack([eager.preprocess(image) for image in images]))
+        groups.append(out.group_indices)
+        if i == 0:
+            graphs = counters["stats"]["unique_graphs"]
+            assert graphs >= 1
+    assert counters["stats"]["unique_graphs"] == graphs, "a batch of the same size recompiled"
+    assert any(not torch.equal(groups[0], g) for g in groups[1:]), "the batches should choose different groups"
+
+
+def test_compile_argument_is_checked_before_loading(saved):
+    path, model = saved
+    with pytest.raises(ValueError, match="torch.compile mode"):
+        load_classifier(path / "base", path / "adapter", device="cpu", compile="fastest")
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        LPTImageClassifier(model, device="cpu", compile=1)
