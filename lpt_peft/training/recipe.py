@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 # The values each preset gives to the options left unset. `paper` is LPT's recipe (Dong et al., ICLR 2023, and
-# /work/shared/reference/LPT.md): SGD, momentum 0.9, weight decay 0.01, lr 0.02 at batch 256 scaled linearly, cosine
+# docs/method.md): SGD, momentum 0.9, weight decay 0.01, lr 0.02 at batch 256 scaled linearly, cosine
 # schedule after 1 warm-up epoch, random unit-vector head, no selection. `lpt_peft` differs only where it chooses on
 # data: the learning rate (selected on validation; `learning_rate` is then the fallback without a validation split)
 # and the head's starting point.
