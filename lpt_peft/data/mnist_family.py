@@ -26,16 +26,14 @@ from lpt_peft.data.long_tail import (
     LongTailDataset,
     dataset_from_uint8_arrays,
     labels_as_numpy,
-    long_tail_from_splits,
     make_long_tailed,
 )
 from lpt_peft.data.mnist import (
     MNIST_CLASSES,
-    balanced_subset,
     load_mnist,
     load_numpy_pickle,
     package_data_file,
-    shuffled_class_order,
+    shuffled_long_tail,
 )
 from lpt_peft.data.registry import register_dataset
 
@@ -131,10 +129,7 @@ def mnist_family_lt(
         FileNotFoundError: a source is not installed (the message gives the apt-get / pip command).
     """
     train_pool, test_pool = mnist_family_sources(fashion_dir=data_root)
-    order = shuffled_class_order(len(MNIST_FAMILY_CLASSES), data_seed)
-    train, val = make_long_tailed(
-        train_pool, n_max, imbalance, seed=data_seed, class_order=order, val_per_class=val_per_class
-    )
     cap = 200 if max_test_per_class is None else max_test_per_class
-    test = balanced_subset(test_pool, cap, data_seed)
-    return long_tail_from_splits({"train": train, "val": val, "test": test}, MNIST_FAMILY_CLASSES)
+    return shuffled_long_tail(
+        train_pool, test_pool, MNIST_FAMILY_CLASSES, n_max, imbalance, data_seed, val_per_class, cap
+    )
