@@ -119,7 +119,7 @@ def mnist_family_lt(
     """MNIST-family-30-LT: 30 classes (MNIST digits, Fashion-MNIST, Animal-MNIST) in a seeded order, long-tailed.
 
     The class of rank `r` in `shuffled_class_order(30, data_seed)` keeps `floor(n_max * imbalance ** (-r / 29))`
-    training images (n_max 200, imbalance 40: 200 .. 5, 1,547 images; 6 many, 13 medium, 11 few classes), then
+    training images (n_max 200, imbalance 40: 200 .. 5, 1,626 images; 6 many, 13 medium, 11 few classes), then
     `val_per_class` more per class form a balanced validation set; the test set is `max_test_per_class` images per
     class of the test pools (seeded; at most 200 per class). `data_root` is the Fashion-MNIST IDX folder (default
     Debian's). The command line's own defaults (n_max 500, imbalance 100, val_per_class 20) replace these unless
