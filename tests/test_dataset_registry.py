@@ -215,6 +215,35 @@ def test_the_command_line_reaches_the_hub_builder(saved):
         LPTTrainingArguments(dataset="synthetic", image_column="img", **base)
 
 
+def test_the_command_line_keeps_each_builders_own_defaults(monkeypatch):
+    """Options not given on the command line reach no builder: each keeps its keyword default (one builder's
+    defaults, e.g. n_max 500 for Fashion-MNIST-LT, must not override another's), and the run records the resolved
+    values. A value given explicitly is passed even when it equals another builder's default."""
+    monkeypatch.setattr(registry_module, "_REGISTRY", dict(registry_module._REGISTRY))  # leave no trace
+    seen = []
+
+    @register_dataset("own_defaults")
+    def own_defaults(n_max: int = 7, imbalance: float = 3.0, val_per_class: int = 1, data_seed: int = 5):
+        seen.append({"n_max": n_max, "imbalance": imbalance, "val_per_class": val_per_class, "data_seed": data_seed})
+        return make_synthetic_long_tail(num_classes=2, n_max=n_max, imbalance=imbalance, image_size=8)
+
+    base = {"model_name_or_path": "tiny-random", "image_size": 8, "output_dir": "/nonexistent", "report_to": "none"}
+    args = LPTTrainingArguments(dataset="own_defaults", **base)
+    own = {"n_max", "imbalance", "val_per_class", "data_seed"}
+    assert not own & set(dataset_options_from_args(args))  # (the common run options, e.g. num_workers, still pass)
+    build_dataset(args)
+    assert seen[-1] == {"n_max": 7, "imbalance": 3.0, "val_per_class": 1, "data_seed": 5}
+    recorded = dataset_options_from_args(args, resolve_defaults=True)
+    assert {k: recorded[k] for k in own} == {"n_max": 7, "imbalance": 3.0, "val_per_class": 1, "data_seed": 5}
+    args = LPTTrainingArguments(dataset="own_defaults", n_max=500, val_per_class=20, **base)
+    build_dataset(args)
+    assert seen[-1] == {"n_max": 500, "imbalance": 3.0, "val_per_class": 20, "data_seed": 5}
+    assert dataset_options_from_args(args, resolve_defaults=True)["n_max"] == 500
+    # A built-in: the synthetic set's own 40 .. 4 profile, not the 500 / 100 of the Fashion-MNIST demo.
+    data = build_dataset(LPTTrainingArguments(dataset="synthetic", num_classes=3, **base))
+    assert data.train_class_counts == long_tail_counts(3, 40, 10.0)
+
+
 def test_a_run_trains_on_a_local_copy(saved, tmp_path):
     args = LPTTrainingArguments(
         dataset=str(saved / "disk"), image_column="img", model_name_or_path="tiny-random", image_size=16,

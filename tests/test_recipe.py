@@ -165,6 +165,32 @@ def test_real_trials_score_like_a_hand_run_restore_the_adapter_and_pick_the_argm
     assert len(set(expected)) > 1, f"the trials should tell the rates apart: {expected}"
 
 
+def test_a_trial_that_raises_still_restores_the_adapter(tmp_path, monkeypatch):
+    """The weights a trial trained are put back even when the trial fails after training (here: its validation)."""
+    from lpt_peft.training import loop
+
+    args = small_args(tmp_path, head_init="random", epochs_phase1=2, lr_trial_steps=2)
+    data = data_for(args)
+    model = tiny_model(args, data)
+    start = {k: v.clone() for k, v in model.state_dict().items() if "lpt_" in k}
+    trained = []
+    real_train_phase = loop.train_phase
+    monkeypatch.setattr(loop, "train_phase", lambda *a, **k: trained.append(real_train_phase(*a, **k)))
+    trained_weights = []
+
+    def failing_evaluate(*args, **kwargs):
+        trained_weights.extend(v.clone() for k, v in model.state_dict().items() if "lpt_" in k)
+        raise RuntimeError("validation failed")
+
+    monkeypatch.setattr(loop, "evaluate", failing_evaluate)
+    trial = learning_rate_trial(model, 1, data, args, Accelerator(cpu=True), tmp_path / "trials")
+    with pytest.raises(RuntimeError, match="validation failed"):
+        trial(0.3)
+    assert trained, "the trial trained before it failed"
+    assert any(not torch.equal(v, p) for v, p in zip(start.values(), trained_weights)), "training changed weights"
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in start.items())
+
+
 # ------------------------------------------------------------------------------------------- prototypes
 def test_prototype_head_equals_hand_computed_normalised_class_means(tmp_path):
     args = small_args(tmp_path, n_max=12, imbalance=4)

@@ -122,8 +122,7 @@ def mnist_family_lt(
     training images (n_max 200, imbalance 40: 200 .. 5, 1,626 images; 6 many, 13 medium, 11 few classes), then
     `val_per_class` more per class form a balanced validation set; the test set is `max_test_per_class` images per
     class of the test pools (seeded; at most 200 per class). `data_root` is the Fashion-MNIST IDX folder (default
-    Debian's). The command line's own defaults (n_max 500, imbalance 100, val_per_class 20) replace these unless
-    given: the benchmark passes them explicitly.
+    Debian's). `--dataset mnist_family_lt` on the command line uses these defaults unless an option is given.
 
     Raises:
         FileNotFoundError: a source is not installed (the message gives the apt-get / pip command).

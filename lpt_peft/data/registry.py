@@ -280,10 +280,17 @@ def check_dataset_arguments(args: Any) -> None:
     check_dataset_options(args.dataset, explicit, flag_prefix="--")
 
 
-def dataset_options_from_args(args: Any) -> dict[str, Any]:
+def dataset_options_from_args(args: Any, resolve_defaults: bool = False) -> dict[str, Any]:
     """
-    The options `--dataset args.dataset` is built with: the value (set or default) of each data-set argument of
-    [`LPTTrainingArguments`] the data set accepts. What a run records to rebuild its data set.
+    The options `--dataset args.dataset` is built with: each data-set argument of [`LPTTrainingArguments`] the data
+    set accepts and the command line sets. An argument left at `None` ("the data set's own default") is not passed,
+    so the builder's keyword default applies (the command line's values never override a builder's with values chosen
+    for another data set).
+
+    Args:
+        args ([`LPTTrainingArguments`]): The run's arguments.
+        resolve_defaults (`bool`, defaults to `False`): Also list the builder's keyword defaults of the options not
+            passed: what a run records to rebuild its data set and to show which subsampling it trained on.
 
     Raises:
         ValueError: a data-set argument set for a data set that does not accept it.
@@ -291,7 +298,16 @@ def dataset_options_from_args(args: Any) -> dict[str, Any]:
     values, _ = _dataset_arguments(args)
     check_dataset_arguments(args)
     accepted = dataset_options(args.dataset)
-    return {k: v for k, v in values.items() if k in accepted}
+    passed = {k: v for k, v in values.items() if k in accepted and v is not None}
+    if not resolve_defaults:
+        return passed
+    builder_name, _ = resolve_dataset(args.dataset)
+    defaults = {
+        p.name: p.default
+        for p in _parameters(_REGISTRY[builder_name])
+        if p.name in accepted and p.default is not inspect.Parameter.empty
+    }
+    return {**defaults, **passed}
 
 
 def dataset_from_args(args: Any) -> LongTailDataset:

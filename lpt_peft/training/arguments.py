@@ -70,15 +70,28 @@ class LPTTrainingArguments:
     train_dir: str | None = field(default=None, metadata={"help": "imagefolder: training class folders."})
     val_dir: str | None = field(default=None, metadata={"help": "imagefolder: validation class folders (optional)."})
     test_dir: str | None = field(default=None, metadata={"help": "imagefolder: test class folders."})
-    n_max: int = field(default=500, metadata={"help": "Built long-tailed sets: images of the largest class."})
-    imbalance: float = field(default=100.0, metadata={"help": "Built long-tailed sets: n_max / n_min."})
-    val_per_class: int = field(
-        default=20, metadata={"help": "Built long-tailed sets: balanced validation images per class (0 = none)."}
+    # The data-set options below default to None: "the data set's own default" (its builder's keyword default, e.g.
+    # n_max 500 for fashion_mnist_lt, 200 for mnist_family_lt), so the command line never overrides a builder with
+    # values chosen for another data set. A run records the resolved values (results.json, the adapter's card).
+    n_max: int | None = field(
+        default=None, metadata={"help": "Built long-tailed sets: images of the largest class (default: the set's)."}
     )
-    num_classes: int = field(default=10, metadata={"help": "Synthetic data set only: number of classes."})
-    data_seed: int = field(default=0, metadata={"help": "Seed of the long-tailed subset selection."})
+    imbalance: float | None = field(
+        default=None, metadata={"help": "Built long-tailed sets: n_max / n_min (default: the set's, usually 100)."}
+    )
+    val_per_class: int | None = field(
+        default=None,
+        metadata={"help": "Built long-tailed sets: balanced validation images per class, 0 = none (default: the set's)."},
+    )
+    num_classes: int | None = field(
+        default=None, metadata={"help": "Synthetic data set only: number of classes (default: its 10)."}
+    )
+    data_seed: int | None = field(
+        default=None, metadata={"help": "Seed of the long-tailed subset selection (default: the set's, 0)."}
+    )
     max_test_per_class: int | None = field(
-        default=None, metadata={"help": "Cap the test images per class (quick runs); None uses the full test set."}
+        default=None,
+        metadata={"help": "Cap the test images per class (quick runs); default: the set's (most use the full test set)."},
     )
     image_size: int = field(default=224, metadata={"help": "Input resolution of the backbone."})
     resize_size: int | None = field(

@@ -217,7 +217,7 @@ def learning_rate_trial(
     Each trial is [`train_phase`] compressed to `args.lr_trial_steps` optimizer steps (at most one epoch): the same
     batches, augmentation and random stream (the global RNG is forked, so every candidate sees the same dropout and
     loss noise, and the run after the search continues as if there had been none), the same warm-up fraction and
-    cosine decay. The adapter weights are restored after each trial. Multi-process: the validation accuracy is
+    cosine decay. The adapter weights are restored after each trial, also one that raises. Multi-process: the validation accuracy is
     gathered over all processes, so every process computes the same scores.
     """
     from lpt_peft.training.builders import objective_from_args, sampler_from_args
@@ -239,19 +239,21 @@ def learning_rate_trial(
         setattr(trial_args, epochs_field, 1)
         trial_args.warmup_epochs = args.warmup_epochs / num_epochs  # the same warm-up share of the schedule
         trial_args.output_dir = str(trial_dir)
-        with torch.random.fork_rng(devices=devices):
-            objective = objective_from_args(trial_args, data.train_class_counts, 1)
-            sampler = sampler_from_args(trial_args, dataset_labels(data.train), accelerator)
-            train_phase(
-                model, phase, no_val, trial_args, accelerator, _NoCheckpoints(), TrainerState(),
-                objective=objective, sampler=sampler,
-            )  # fmt: skip
-            grouping = "author" if args.author_grouping else "standard"
-            counts = data.train_class_counts
-            result = evaluate(model, val_loader, accelerator, counts, grouping, None, f"val lr {lr:g}")
-        with torch.no_grad():
-            for name, param in _adapter_parameters(model).items():
-                param.copy_(start[name])
+        try:
+            with torch.random.fork_rng(devices=devices):
+                objective = objective_from_args(trial_args, data.train_class_counts, 1)
+                sampler = sampler_from_args(trial_args, dataset_labels(data.train), accelerator)
+                train_phase(
+                    model, phase, no_val, trial_args, accelerator, _NoCheckpoints(), TrainerState(),
+                    objective=objective, sampler=sampler,
+                )  # fmt: skip
+                grouping = "author" if args.author_grouping else "standard"
+                counts = data.train_class_counts
+                result = evaluate(model, val_loader, accelerator, counts, grouping, None, f"val lr {lr:g}")
+        finally:  # also when a trial raises (or is interrupted): the model leaves as it came
+            with torch.no_grad():
+                for name, param in _adapter_parameters(model).items():
+                    param.copy_(start[name])
         return mean_per_class_accuracy(result)
 
     return trial

@@ -155,7 +155,7 @@ def _data_options(args: LPTTrainingArguments) -> dict[str, Any]:
     subsampling), as JSON values."""
     from lpt_peft.data.registry import dataset_options_from_args
 
-    options = dataset_options_from_args(args)
+    options = dataset_options_from_args(args, resolve_defaults=True)
     return {k: _absolute_if_local(v) for k, v in options.items() if k not in _NOT_DATA_DEFINING}
 
 
