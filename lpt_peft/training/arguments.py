@@ -81,7 +81,7 @@ class LPTTrainingArguments:
     )
     val_per_class: int | None = field(
         default=None,
-        metadata={"help": "Built long-tailed sets: balanced validation images per class, 0 = none (default: the set's)."},
+        metadata={"help": "Built long-tailed sets: balanced val images per class, 0 = none (default: the set's)."},
     )
     num_classes: int | None = field(
         default=None, metadata={"help": "Synthetic data set only: number of classes (default: its 10)."}
@@ -91,7 +91,7 @@ class LPTTrainingArguments:
     )
     max_test_per_class: int | None = field(
         default=None,
-        metadata={"help": "Cap the test images per class (quick runs); default: the set's (most use the full test set)."},
+        metadata={"help": "Cap the test images per class (quick runs); default: the set's (most: the full test set)"},
     )
     image_size: int = field(default=224, metadata={"help": "Input resolution of the backbone."})
     resize_size: int | None = field(

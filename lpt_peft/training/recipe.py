@@ -217,8 +217,8 @@ def learning_rate_trial(
     Each trial is [`train_phase`] compressed to `args.lr_trial_steps` optimizer steps (at most one epoch): the same
     batches, augmentation and random stream (the global RNG is forked, so every candidate sees the same dropout and
     loss noise, and the run after the search continues as if there had been none), the same warm-up fraction and
-    cosine decay. The adapter weights are restored after each trial, also one that raises. Multi-process: the validation accuracy is
-    gathered over all processes, so every process computes the same scores.
+    cosine decay. The adapter weights are restored after each trial, also one that raises. Multi-process: the
+    validation accuracy is gathered over all processes, so every process computes the same scores.
     """
     from lpt_peft.training.builders import objective_from_args, sampler_from_args
     from lpt_peft.training.checkpointing import TrainerState
