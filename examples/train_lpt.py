@@ -1,6 +1,6 @@
 """Train LPT (phase 1, then phase 2) with accelerate on one CPU, one GPU or many GPUs.
 
-    accelerate launch examples/train_lpt.py                                   # the offline demo (configs/demo_*.yaml)
+    accelerate launch --num_cpu_threads_per_process $(nproc) examples/train_lpt.py  # the offline demo, on CPU cores
     accelerate launch examples/train_lpt.py --config configs/places_lt.yaml
     accelerate launch examples/train_lpt.py --config configs/places_lt.yaml --phase 2 --init_from out/phase1
     accelerate launch examples/train_lpt.py --config configs/places_lt.yaml --resume_from_checkpoint latest

@@ -11,7 +11,7 @@ import pytest
 from lpt_peft.data import load_imagefolder_lt
 from lpt_peft.training.arguments import LPTTrainingArguments
 from lpt_peft.training.data import build_dataset
-from lpt_peft.training.run import log_launch, run_training
+from lpt_peft.training.run import log_launch, run_training, warn_idle_cpu_cores
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
 CLASSES = ("ant", "bee", "cow")
@@ -243,3 +243,30 @@ def test_launch_log_names_world_size_global_batch_and_device(caplog, monkeypatch
     with caplog.at_level(logging.INFO, logger="lpt_peft.training.run"):
         log_launch(accelerator, args)
     assert "this run trains in ONE process" in caplog.text and "--multi_gpu --num_processes N" in caplog.text
+
+
+def test_a_cpu_run_on_one_thread_of_several_cores_is_told_how_to_use_them(monkeypatch):
+    """`accelerate launch` (no --cpu, no --num_cpu_threads_per_process) exports OMP_NUM_THREADS=1: the run says so and
+    names the flag; with every core in use, or one core per process, it says nothing."""
+    import torch
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    threads = torch.get_num_threads()
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    try:
+        torch.set_num_threads(1)
+        message = warn_idle_cpu_cores(accelerator)
+        assert "1 thread(s) per process while 4 core(s)" in message and "OMP_NUM_THREADS=1" in message
+        assert "--num_cpu_threads_per_process 4" in message
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes on this machine: 2 threads each
+        assert "--num_cpu_threads_per_process 2" in warn_idle_cpu_cores(accelerator)
+        torch.set_num_threads(2)
+        assert warn_idle_cpu_cores(accelerator) is None
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+        torch.set_num_threads(1)
+        assert warn_idle_cpu_cores(accelerator) is None
+    finally:
+        torch.set_num_threads(threads)

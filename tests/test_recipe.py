@@ -57,12 +57,13 @@ def test_paper_recipe_gives_the_papers_values_and_explicit_options_override_it()
     args = parse_training_args(["--recipe", "paper"])
     paper = {
         "learning_rate": 0.02, "lr_reference_batch": 256, "weight_decay": 0.01, "momentum": 0.9,
-        "warmup_epochs": 1.0, "select_learning_rate": False, "head_init": "random",
-    }  # fmt: skip (LPT.md: SGD momentum 0.9, wd 0.01, lr 0.02 at batch 256, 1 warm-up epoch, random head)
+        "warmup_epochs": 1.0, "select_learning_rate": False, "head_init": "random", "logit_scale": 20.0,
+    }  # fmt: skip (LPT.md: SGD momentum 0.9, wd 0.01, lr 0.02 at batch 256, 1 warm-up epoch, random head, z = 20 c')
     assert {k: getattr(args, k) for k in paper} == paper and args.recipe_overrides == {}
     default = parse_training_args([])
     assert (default.recipe, default.select_learning_rate, default.head_init) == ("lpt_peft", True, "prototypes")
     assert (default.learning_rate, default.weight_decay, default.momentum) == (0.02, 0.01, 0.9)
+    assert default.logit_scale == 40.0
     # An explicit option wins over the preset, on the command line, in Python, and even when it equals the other
     # preset's value; the override is recorded.
     args = parse_training_args(["--recipe", "paper", "--learning_rate", "0.1", "--head_init", "prototypes"])
@@ -76,6 +77,9 @@ def test_paper_recipe_gives_the_papers_values_and_explicit_options_override_it()
         LPTTrainingArguments(head_init="zeros")
     with pytest.raises(ValueError, match="--learning_rate_grid must hold one or more rates > 0"):
         LPTTrainingArguments(learning_rate_grid=[0.1, -1.0])
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="--logit_scale must be a finite number > 0"):
+            LPTTrainingArguments(logit_scale=bad)
     assert set(RECIPES["paper"]) == set(RECIPES["lpt_peft"])
 
 
@@ -89,6 +93,46 @@ def test_configs_name_their_recipe():
         assert args.recipe == preset and args.head_init == "random" and not args.select_learning_rate, name
     demo = parse_training_args(["--config", str(root / "demo_fashion_mnist.yaml")])
     assert demo.recipe == "lpt_peft" and demo.select_learning_rate and demo.head_init == "prototypes"
+
+
+def test_logit_scale_reaches_the_loss_the_adapter_and_the_agcl_probe(tmp_path, monkeypatch):
+    """`--logit_scale` is A-GCL's s in z = s * c' on both branches (checked against the loss written out by hand), the
+    adapter's `logit_scale`, and the A-GCL probe's; a registered loss without `scale` is built without it."""
+    from lpt_peft.training import baselines
+    from lpt_peft.training.builders import lpt_config_from_args, objective_from_args
+    from lpt_peft.training.losses import LOSSES, register_loss
+
+    args = small_args(tmp_path, logit_scale=33.0)
+    objective = objective_from_args(args, [8, 4, 2], num_epochs=2)
+    assert objective.cb_loss.scale == objective.ib_loss.scale == 33.0
+    assert lpt_config_from_args(args, 3, None).logit_scale == 33.0
+    # By hand (LPT.md, A-GCL with gamma_pos 0, gamma_neg 4, no noise): z = s * (c - margin at the target).
+    cosines, labels = torch.tensor([[0.3, -0.2, 0.1]]), torch.tensor([1])
+    z = 33.0 * (cosines - 0.1 * F.one_hot(labels, 3))
+    p = z.softmax(-1)
+    weights = torch.where(F.one_hot(labels, 3).bool(), torch.ones_like(p), p**4)
+    targets = 0.9 * F.one_hot(labels, 3) + 0.1 / 3
+    expected = -(targets * weights * p.log()).sum()
+    got = objective.cb_loss(cosines, labels, noise=torch.zeros(1, 3))
+    assert torch.allclose(got, expected, atol=1e-6)
+
+    monkeypatch.setattr("lpt_peft.training.losses.LOSSES", dict(LOSSES))
+
+    @register_loss("unscaled_ce")
+    class UnscaledCE(torch.nn.Module):
+        def forward(self, logits, labels, noise=None):
+            return F.cross_entropy(logits, labels)
+
+    assert isinstance(objective_from_args(small_args(tmp_path, loss="unscaled_ce"), [8, 4], 1).cb_loss, UnscaledCE)
+
+    seen = []
+    real = baselines.LPTObjective
+    monkeypatch.setattr(baselines, "LPTObjective", lambda *a, **k: seen.append(k.get("scale")) or real(*a, **k))
+    features, labels = torch.randn(12, 8), torch.tensor([0] * 8 + [1] * 4)
+    baselines.train_linear_probe(
+        "linear_probe_agcl", features, labels, [8, 4], epochs=1, batch_size=4, samples_per_class=2, logit_scale=33.0
+    )
+    assert seen == [33.0]
 
 
 # ------------------------------------------------------------------------------------------- selection rule

@@ -179,6 +179,13 @@ class LPTTrainingArguments:
         default="agcl",
         metadata={"help": "'agcl' (LPT), 'ce' or 'logit_adjusted' (baselines), or a name given to register_loss."},
     )
+    logit_scale: float | None = field(
+        default=None,
+        metadata={
+            "help": "Scale s of the cosine logits in the training loss (A-GCL: z = s * c'; also the A-GCL probe's and "
+            "the adapter's logit_scale for inference scores). Recipe paper: 20 (the paper's); lpt_peft: 40."
+        },
+    )
     matching_weight: float = field(default=0.5, metadata={"help": "Weight of the phase-2 key matching score."})
     instance_balanced_gammas: str = field(
         default="authors",

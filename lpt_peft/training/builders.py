@@ -48,6 +48,7 @@ def lpt_config_from_args(args: LPTTrainingArguments, num_labels: int, id2label: 
         shared_layers=args.shared_layers,
         classifier_dropout=args.classifier_dropout,
         layer_norm_eps=args.layer_norm_eps,
+        logit_scale=args.logit_scale,
         id2label=id2label,
     )
 
@@ -187,7 +188,8 @@ def objective_from_args(
     args: LPTTrainingArguments, class_counts: Sequence[int], num_epochs: int, device: torch.device | str = "cpu"
 ) -> LPTObjective:
     """The dual-sampling objective of one phase: `--loss` (a registered loss) on both branches, `--eta`,
-    `--matching_weight` and `--instance_balanced_gammas`, over `num_epochs` epochs (for the `beta(e)` schedule)."""
+    `--matching_weight` and `--instance_balanced_gammas`, over `num_epochs` epochs (for the `beta(e)` schedule).
+    `--logit_scale` is the loss's `scale` when the loss declares one (a registered loss without it scales its own)."""
     return LPTObjective(
         class_counts,
         num_epochs=num_epochs,
@@ -197,7 +199,21 @@ def objective_from_args(
         instance_balanced_branch="instance_balanced"
         if args.instance_balanced_gammas == "authors"
         else "class_balanced",
+        **loss_scale_kwargs(args.loss, args.logit_scale),
     ).to(device)
+
+
+def loss_scale_kwargs(loss_name: str, logit_scale: float | None) -> dict[str, float]:
+    """`{"scale": logit_scale}` for a registered loss whose constructor takes `scale` (agcl, ce, logit_adjusted), else
+    `{}` (a loss registered without it receives unscaled cosines and scales them itself)."""
+    import inspect
+
+    from lpt_peft.training.losses import LOSSES, _normalize_choice
+
+    loss_cls = LOSSES[_normalize_choice(loss_name, "loss name", tuple(LOSSES))]
+    if logit_scale is None or "scale" not in inspect.signature(loss_cls.__init__).parameters:
+        return {}
+    return {"scale": float(logit_scale)}
 
 
 def sampler_from_args(args: LPTTrainingArguments, labels: np.ndarray, accelerator: Accelerator):

@@ -233,7 +233,7 @@ TRAJECTORY_OPTIONS = (
     "model_name_or_path", "attn_implementation", "layer_norm_eps", "prompt_length", "num_groups",
     "group_prompt_length", "top_k", "shared_layers", "classifier_dropout",
     "phase", "epochs_phase1", "epochs_phase2", "max_steps_per_epoch",
-    "batch_size", "samples_per_class", "dual_sampling", "sampler", "eta", "loss", "matching_weight",
+    "batch_size", "samples_per_class", "dual_sampling", "sampler", "eta", "loss", "logit_scale", "matching_weight",
     "instance_balanced_gammas",
     "learning_rate", "lr_reference_batch", "weight_decay", "momentum", "warmup_epochs",
     "gradient_accumulation_steps", "max_grad_norm", "mixed_precision", "seed", "eval_every_epochs",
@@ -242,7 +242,7 @@ TRAJECTORY_OPTIONS = (
 
 # Options recorded since a later lpt-peft than others: a checkpoint without them ran with this value (the option's
 # default reproduces the behaviour from before it existed), so their absence is no difference.
-_VALUE_BEFORE_RECORDED = {"sampler": None}
+_VALUE_BEFORE_RECORDED = {"sampler": None, "logit_scale": 20.0}
 
 
 def dataset_fingerprint(dataset) -> str | None:

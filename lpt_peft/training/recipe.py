@@ -57,6 +57,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "warmup_epochs": 1.0,
         "select_learning_rate": True,
         "head_init": "prototypes",
+        "logit_scale": 40.0,
     },
     "paper": {
         "learning_rate": 0.02,
@@ -66,6 +67,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "warmup_epochs": 1.0,
         "select_learning_rate": False,
         "head_init": "random",
+        "logit_scale": 20.0,
     },
 }
 RECIPE_OPTIONS = tuple(RECIPES["paper"])
@@ -103,6 +105,8 @@ def apply_recipe(args) -> None:
         raise ValueError(f"--head_init must be one of {', '.join(HEAD_INITS)}, got {args.head_init!r}.")
     if not args.learning_rate > 0:
         raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate}.")
+    if not (math.isfinite(args.logit_scale) and args.logit_scale > 0):
+        raise ValueError(f"--logit_scale must be a finite number > 0, got {args.logit_scale}.")
     grid = list(args.learning_rate_grid or [])
     if args.select_learning_rate and (not grid or not all(lr > 0 for lr in grid)):
         raise ValueError(
