@@ -88,6 +88,7 @@ CHANGES = [
     ("imbalance", 5.0, "--imbalance: the checkpoint has 10, this run 5.0"),
     ("n_max", 30, "training data: the checkpoint was trained on 100 images"),
     ("data_seed", 1, "--data_seed: the checkpoint has 0, this run 1"),
+    ("logit_scale", 30.0, "--logit_scale: the checkpoint has 40.0, this run 30.0"),
     ("val_per_class", 3, "validation data: the checkpoint was trained on 24 images"),
     # The recipe options (recorded by run.py beside TRAJECTORY_OPTIONS).
     ("recipe", "paper", "--recipe: the checkpoint has lpt_peft, this run paper (pass --recipe lpt_peft as before)"),

@@ -274,9 +274,17 @@ def dataset_fingerprint(dataset) -> str | None:
 
 
 def run_record(args: LPTTrainingArguments, data: LongTailDataset, num_processes: int) -> dict[str, Any]:
-    """Everything that determines a run's trajectory; a checkpoint stores it and a resume must match it."""
+    """Everything that determines a run's trajectory; a checkpoint stores it and a resume must match it.
+
+    A data option left unset is recorded with the value the data set used (its builder's default), so a resume that
+    passes that value explicitly matches, and a refusal names the value to pass."""
+    from lpt_peft.data.registry import dataset_options_from_args
+
+    resolved = dataset_options_from_args(args, resolve_defaults=True)
+    options = {name: getattr(args, name) for name in TRAJECTORY_OPTIONS}
+    options.update({name: resolved[name] for name, value in options.items() if value is None and name in resolved})
     return {
-        "options": {name: getattr(args, name) for name in TRAJECTORY_OPTIONS},
+        "options": options,
         "num_processes": num_processes,
         "global_batch": args.batch_size * num_processes * args.gradient_accumulation_steps,
         "train_data": dataset_fingerprint(data.train),
