@@ -57,6 +57,10 @@ TARGET = 0.90  # issue 11: the loop keeps >= 90% of the pure step's images/s (on
 PURE_BATCHES = 4  # distinct pre-collated batches the pure step cycles through
 
 
+class UsageError(ValueError):
+    """Options this measurement cannot run with; `main` prints the message alone (no traceback) and exits 2."""
+
+
 # ---------------------------------------------------------------------------------------------------- options
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -99,7 +103,7 @@ def training_arguments(opts: argparse.Namespace, depth: int, output_dir: str):
     from lpt_peft.training.arguments import LPTTrainingArguments
 
     data_options = {k: getattr(opts, k) for k in ("num_classes", "n_max") if getattr(opts, k) is not None}
-    return LPTTrainingArguments(
+    values = dict(
         dataset=opts.dataset,
         **data_options,
         image_size=opts.image_size,
@@ -116,6 +120,10 @@ def training_arguments(opts: argparse.Namespace, depth: int, output_dir: str):
         seed=opts.seed,
         output_dir=output_dir,
     )
+    try:
+        return LPTTrainingArguments(**values)
+    except ValueError as err:  # the training options' own checks (e.g. batch size vs samples per class)
+        raise UsageError(str(err)) from err
 
 
 def load_backbone_for(opts: argparse.Namespace) -> nn.Module:
@@ -150,7 +158,8 @@ def setup(opts: argparse.Namespace, output_dir: str) -> Bench:
     """Data, model and accelerator; refuses an epoch too short for warm-up + timed steps before building the model.
 
     Raises:
-        ValueError: the training split gives fewer dual steps per epoch than `--warmup_steps + --steps`.
+        UsageError: the training split gives fewer steps per epoch than `--warmup_steps + --steps`, or options the
+            training arguments refuse.
     """
     from lpt_peft.training.builders import build_peft_model, make_accelerator, sampler_from_args
     from lpt_peft.training.data import build_dataset, check_dataset, dataset_labels
@@ -162,7 +171,7 @@ def setup(opts: argparse.Namespace, output_dir: str) -> Bench:
     sampler = sampler_from_args(args, dataset_labels(data.train), accelerator)
     needed = opts.warmup_steps + opts.steps
     if len(sampler) < needed:
-        raise ValueError(
+        raise UsageError(
             f"The training split ({len(data.train)} images) gives {len(sampler)} steps per epoch at --batch_size "
             f"{opts.batch_size}, but the measurement needs {needed} (--warmup_steps + --steps) in one epoch: raise "
             "--n_max or --num_classes, or lower --steps."
@@ -350,7 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)
-    result = measure(opts)
+    try:
+        result = measure(opts)
+    except UsageError as err:
+        print(f"loop_throughput.py: error: {err}", file=sys.stderr)
+        return 2
     print_report(result)
     if opts.json_out:
         opts.json_out.parent.mkdir(parents=True, exist_ok=True)
