@@ -857,6 +857,9 @@ def print_report(results: dict) -> None:
                 f"machine speed during {what} timing (512x512 matmul probe, GFLOP/s): median "
                 f"{statistics.median(probes):.0f}, min {min(probes):.0f}, max {max(probes):.0f}"
             )
+    if results.get("compile"):
+        c = results["compile"]
+        print(f"--compile {c['mode']} (backend {c['backend']}): {c.get('graphs', '?')} graph(s) compiled by Dynamo")
     floor = results.get("floor")
     if floor:
         print(
@@ -995,6 +998,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     overrides = {f.name: getattr(args, f.name, None) for f in fields(Settings) if f.name != "preset"}
     values.update({k: v for k, v in overrides.items() if v is not None})
     settings = Settings(**values)
+    _check_settings(parser, args, settings)
+    return args, settings
+
+
+def _check_settings(parser: argparse.ArgumentParser, args: argparse.Namespace, settings: Settings) -> None:
+    """`parser.error` (exit 2, one line) for settings the benchmark cannot run."""
     for name in (
         "batch_size", "image_size", "repeats", "memory_repeats", "infer_repeats", "hidden_size", "num_layers",
         "num_heads", "intermediate_size", "patch_size",
@@ -1013,7 +1022,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
         parser.error("--compile both needs frozen in --configs (the floor is the faster of eager and compiled frozen)")
     if settings.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("CUDA is not available here; run the gpu preset on a GPU machine or add --device cpu (smoke).")
-    return args, settings
 
 
 def time_all(
@@ -1059,6 +1067,11 @@ def run_benchmark(args: argparse.Namespace, settings: Settings) -> dict:
         )
     print(f"building {names} on {device} ...", flush=True)
     systems = build_systems(names, settings, device)
+    if args.compile:
+        # Each run (each B of a sweep) compiles afresh: graphs of another batch size would count against the
+        # recompile limit and make Dynamo treat the batch dimension as dynamic.
+        torch._dynamo.reset()
+        graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     if args.compile == "replace":
         # Compiled in place of the eager modules: the equivalence checks below then also cover the compiled path.
         # The first calls (checks or warm-up rounds) pay the compilation.
@@ -1079,6 +1092,10 @@ def run_benchmark(args: argparse.Namespace, settings: Settings) -> dict:
     results["times"], results["speed_probe_gflops"] = {}, {}
     if not args.no_timing:
         results["times"], results["speed_probe_gflops"] = time_all(systems, inputs, settings, device)
+    if args.compile:
+        # Graphs Dynamo compiled for the checks and timing: more than one per compiled system and precision means
+        # graph breaks or recompilations (e.g. on phase 2's per-image group choice).
+        results["compile"]["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
     for spec in args.profile:
         profile_config(spec, systems, inputs, settings, device)
 
