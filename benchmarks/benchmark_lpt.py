@@ -490,11 +490,23 @@ def _max_diff(ours: nn.Module, ref: nn.Module, x: torch.Tensor) -> float:
     return diff
 
 
+@contextlib.contextmanager
+def _strict_fp32():
+    """No TF32 in CUDA matmuls and cuDNN convolutions (cuDNN allows it by default): fp32 checks mean fp32."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def equivalence_check(systems: dict[str, nn.Module], inputs: dict, device: torch.device) -> dict[str, dict]:
     """Our phase 1 / phase 2 must compute what VPT-deep / the authors' two-pass LPT compute (fp32, eval, 4 images);
     each compiled copy what its eager module computes (fp32, the whole inference batch, `COMPILED_TOLERANCE`).
 
     The compiled copies see the inference batch itself, so they compile for the batch size they are then timed at.
+    On CUDA, TF32 is off during the checks.
     """
     pairs = [("lpt_phase1", "vpt_deep", 4), ("lpt_phase2", "lpt_reference", 4)]
     pairs += [(name, eager_name(name), None) for name in systems if name.endswith(COMPILED_SUFFIX)]
@@ -502,7 +514,8 @@ def equivalence_check(systems: dict[str, nn.Module], inputs: dict, device: torch
     for ours, ref, count in pairs:
         if ours not in systems or ref not in systems:
             continue
-        diff = _max_diff(systems[ours], systems[ref], inputs["infer"][:count])
+        with _strict_fp32():
+            diff = _max_diff(systems[ours], systems[ref], inputs["infer"][:count])
         if ours.endswith(COMPILED_SUFFIX):
             tol = COMPILED_TOLERANCE
         else:

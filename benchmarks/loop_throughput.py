@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu).")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="Default cpu; cuda: the first GPU.")
     parser.add_argument("--dataset", default="synthetic", help="A registered data set (default synthetic).")
     parser.add_argument("--num_classes", type=int, help="Data-set option (synthetic: default 10).")
     parser.add_argument("--n_max", type=int, help="Data-set option: images of the largest class.")
@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name} must be >= 1, got {getattr(opts, name)}.")
     if opts.num_workers < 0:
         parser.error(f"--num_workers must be >= 0, got {opts.num_workers}.")
-    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+    if opts.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible to torch here; use --device cpu.")
     if opts.model_name_or_path == RANDOM_VIT_B16 and opts.image_size % 16:
         parser.error(f"{RANDOM_VIT_B16} takes images of a multiple of 16 px, got --image_size {opts.image_size}.")
