@@ -168,7 +168,10 @@ def setup(opts: argparse.Namespace, output_dir: str) -> Bench:
     args = training_arguments(opts, backbone.config.num_hidden_layers, output_dir)
     accelerator = make_accelerator(cpu=opts.device == "cpu", mixed_precision=opts.mixed_precision)
     data = build_dataset(args)
-    sampler = sampler_from_args(args, dataset_labels(data.train), accelerator)
+    try:
+        sampler = sampler_from_args(args, dataset_labels(data.train), accelerator)
+    except ValueError as err:  # e.g. fewer classes than a class-balanced batch draws
+        raise UsageError(str(err)) from err
     needed = opts.warmup_steps + opts.steps
     if len(sampler) < needed:
         raise UsageError(
