@@ -19,6 +19,14 @@ instance-balanced batch (B images each) concatenated into one forward of 2B imag
 CE(20 * logits) of each half (the instance-balanced half weighted by beta = 0.5) - 0.5 * matching score per half
 (phase 2 and the reference only).
 
+Compiled configurations (`--compile both`): `frozen+compile`, `lpt_phase1+compile` and `lpt_phase2+compile` are
+`torch.compile(system)` (default mode) of the eager modules, timed for inference beside them in the same rounds (their
+training step is not timed; `--compile replace` times compiled training steps). The floor of each round is the faster
+of the eager and the compiled frozen ViT, and each LPT configuration, eager and compiled, gets its ratio to that floor
+(paired per round like the other ratios), with issue 11's GPU targets at B = 128 and 32; the compiled over the eager
+frozen ViT shows whether compiling the floor pays at all. The equivalence checks compare every compiled copy with its
+eager module (fp32, the whole inference batch, max |diff| <= 1e-5).
+
 Peak training memory is measured for each configuration in a fresh subprocess that builds only that configuration:
 on CUDA, `torch.cuda.max_memory_allocated()` after a reset, minus what was allocated before the step; on CPU, the
 growth of the peak resident set size (VmHWM, reset through /proc/self/clear_refs) over the resident set just before
@@ -33,7 +41,9 @@ python benchmarks/benchmark_lpt.py --preset gpu                      # ViT-B/16 
 python benchmarks/benchmark_lpt.py --preset gpu --device cpu --batch-size 2 --repeats 1 --warmup 1   # smoke test
 python benchmarks/benchmark_lpt.py --preset cpu --json-out results.json --markdown-out results.md
 python benchmarks/benchmark_lpt.py --preset cpu --profile lpt_phase2:infer   # torch.profiler table of one config
-python benchmarks/benchmark_lpt.py --preset gpu --batch-size 32 --compile   # every configuration torch.compile'd
+python benchmarks/benchmark_lpt.py --preset gpu --batch-size 32 --compile   # = --compile replace: all compiled
+python benchmarks/benchmark_lpt.py --preset gpu --batch_sizes 128,32 --compile both --configs frozen lpt_phase1 \
+    lpt_phase2 --no-memory                  # eager and compiled side by side, ratios to the eager/compiled floor
 ```
 """
 
@@ -70,6 +80,11 @@ CONFIGS: dict[str, str] = {
     "lpt_phase1": "lpt_peft phase 1",
     "lpt_phase2": "lpt_peft phase 2",
 }
+# `--compile both`: these configurations get a compiled copy named `<name>+compile` (inference timing only).
+COMPILED_SUFFIX = "+compile"
+COMPILE_BESIDE = ("frozen", "lpt_phase1", "lpt_phase2")
+# Tolerance of a compiled copy against its eager module (fp32 logits and matching scores, max |diff|).
+COMPILED_TOLERANCE = 1e-5
 LOGIT_SCALE = 20.0
 MATCH_WEIGHT = 0.5
 BETA = 0.5  # weight of the instance-balanced half (beta(e) = 0.5 * (E - e) / E at epoch 0)
@@ -323,9 +338,28 @@ def build_systems(
     return {name: builders[name]().to(device) for name in names}
 
 
+def eager_name(name: str) -> str:
+    """The eager configuration a name stands for: `lpt_phase1+compile` -> `lpt_phase1`."""
+    return name.removesuffix(COMPILED_SUFFIX)
+
+
+def describe(name: str) -> str:
+    return CONFIGS[eager_name(name)] + (", torch.compile" if name.endswith(COMPILED_SUFFIX) else "")
+
+
+def compiled_copies(systems: dict[str, nn.Module], backend: str = "inductor") -> dict[str, nn.Module]:
+    """`torch.compile(system)` (default mode) of each `COMPILE_BESIDE` configuration present, as `<name>+compile`.
+
+    A copy shares its eager module (compiling neither copies nor changes it), so eager and compiled compute with the
+    same weights; the first call of a copy pays the compilation (equivalence check or warm-up round).
+    """
+    names = [name for name in COMPILE_BESIDE if name in systems]
+    return {name + COMPILED_SUFFIX: torch.compile(systems[name], backend=backend) for name in names}
+
+
 def layer_passes(name: str, settings: Settings) -> int:
     depth, k = settings.num_layers, settings.shared_layers
-    return {"lpt_reference": 2 * depth, "lpt_phase2": 2 * depth - k}.get(name, depth)
+    return {"lpt_reference": 2 * depth, "lpt_phase2": 2 * depth - k}.get(eager_name(name), depth)
 
 
 # ---------------------------------------------------------------------------------------------------- steps
@@ -402,7 +436,11 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 
 # Timing order: the configurations compared by a target run next to each other (phase 1 | frozen | phase 2 |
 # reference), so that a paired ratio compares calls made within a second or two of each other.
-TIMING_ORDER = ("vpt_deep", "lpt_phase1", "frozen", "lpt_phase2", "lpt_reference")
+# With `--compile both` the two frozen ViTs (the per-round floor) sit next to each other and to both phase-1 paths.
+TIMING_ORDER = (
+    "vpt_deep", "lpt_phase1+compile", "lpt_phase1", "frozen", "frozen+compile", "lpt_phase2", "lpt_phase2+compile",
+    "lpt_reference",
+)  # fmt: skip
 
 
 def speed_probe(device: torch.device) -> float:
@@ -439,23 +477,49 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------------- checks
+def _max_diff(ours: nn.Module, ref: nn.Module, x: torch.Tensor) -> float:
+    """Max |diff| of the logits and, where there is one, the per-image matching score of two systems (eval)."""
+    ours.eval()
+    ref.eval()
+    with torch.no_grad():
+        a, match_a = ours(x)
+        b, match_b = ref(x)
+    diff = (a - b).abs().max().item()
+    if match_a is not None:
+        diff = max(diff, (match_a - match_b).abs().max().item())
+    return diff
+
+
+@contextlib.contextmanager
+def _strict_fp32():
+    """No TF32 in CUDA matmuls and cuDNN convolutions (cuDNN allows it by default): fp32 checks mean fp32."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def equivalence_check(systems: dict[str, nn.Module], inputs: dict, device: torch.device) -> dict[str, dict]:
-    """Our phase 1 / phase 2 must compute what VPT-deep / the authors' two-pass LPT compute (fp32, eval)."""
-    x = inputs["infer"][:4]
-    pairs = [("lpt_phase1", "vpt_deep"), ("lpt_phase2", "lpt_reference")]
+    """Our phase 1 / phase 2 must compute what VPT-deep / the authors' two-pass LPT compute (fp32, eval, 4 images);
+    each compiled copy what its eager module computes (fp32, the whole inference batch, `COMPILED_TOLERANCE`).
+
+    The compiled copies see the inference batch itself, so they compile for the batch size they are then timed at.
+    On CUDA, TF32 is off during the checks.
+    """
+    pairs = [("lpt_phase1", "vpt_deep", 4), ("lpt_phase2", "lpt_reference", 4)]
+    pairs += [(name, eager_name(name), None) for name in systems if name.endswith(COMPILED_SUFFIX)]
     results = {}
-    for ours, ref in pairs:
+    for ours, ref, count in pairs:
         if ours not in systems or ref not in systems:
             continue
-        systems[ours].eval()
-        systems[ref].eval()
-        with torch.no_grad():
-            a, match_a = systems[ours](x)
-            b, match_b = systems[ref](x)
-        diff = (a - b).abs().max().item()
-        if match_a is not None:
-            diff = max(diff, (match_a - match_b).abs().max().item())
-        tol = 1e-4 if device.type == "cpu" else 2e-3
+        with _strict_fp32():
+            diff = _max_diff(systems[ours], systems[ref], inputs["infer"][:count])
+        if ours.endswith(COMPILED_SUFFIX):
+            tol = COMPILED_TOLERANCE
+        else:
+            tol = 1e-4 if device.type == "cpu" else 2e-3
         results[f"{ours}_vs_{ref}"] = {"max_abs_diff": diff, "tolerance": tol, "ok": diff <= tol}
     return results
 
@@ -657,6 +721,16 @@ INFO_RATIOS = [
     ("phase1_train_over_vpt_deep_train", "lpt_phase1", "vpt_deep", "train"),
     ("phase2_train_over_phase1_train", "lpt_phase2", "lpt_phase1", "train"),
     ("phase2_infer_over_phase1_infer", "lpt_phase2", "lpt_phase1", "infer"),
+    # > 1: the compiled frozen ViT is slower than the eager one (issue 11 saw 25.1 vs 15.4 ms on an H200).
+    ("frozen_compiled_infer_over_frozen_infer", "frozen+compile", "frozen", "infer"),
+]
+# `--compile both`: inference of each LPT path over the per-round floor min(eager frozen, compiled frozen), with
+# issue 11's GPU targets by batch size (elsewhere informational).
+FLOOR_RATIOS = [
+    ("phase1_compiled_infer_over_floor", "lpt_phase1+compile", {128: 1.03, 32: 1.10}),
+    ("phase2_compiled_infer_over_floor", "lpt_phase2+compile", {128: 1.50, 32: 1.60}),
+    ("phase1_infer_over_floor", "lpt_phase1", {128: 1.03, 32: 1.10}),
+    ("phase2_infer_over_floor", "lpt_phase2", {128: 1.50, 32: 1.60}),
 ]
 
 
@@ -672,6 +746,11 @@ def _ratio(results: dict, num: str, den: str, what: str) -> dict | None:
     a, b = results["times"].get(what, {}).get(num), results["times"].get(what, {}).get(den)
     if not a or not b:
         return None
+    return _paired_ratio(a, b)
+
+
+def _paired_ratio(a: list[float], b: list[float]) -> dict:
+    """Ratio of two per-round timing lists (same rounds, same order)."""
     paired = [x / y for x, y in zip(a, b)]
     # Headline: the median over rounds of the ratio of two calls made back to back, which cancels most of the drift
     # in machine speed; the ratio of medians and of minima are given alongside.
@@ -697,6 +776,38 @@ def compute_ratios(results: dict, device: torch.device) -> dict:
         ratio = _ratio(results, num, den, what)
         if ratio is not None:
             ratios[key] = {**ratio, "numerator": num, "denominator": den}
+    ratios.update(floor_ratios(results, device))
+    return ratios
+
+
+def inference_floor(results: dict) -> list[float] | None:
+    """Per measured round, the faster of the eager and the compiled frozen ViT's inference (seconds); None unless
+    both were timed."""
+    infer = results["times"].get("infer", {})
+    eager, compiled = infer.get("frozen"), infer.get("frozen" + COMPILED_SUFFIX)
+    if not eager or not compiled:
+        return None
+    return [min(x, y) for x, y in zip(eager, compiled)]
+
+
+def floor_ratios(results: dict, device: torch.device) -> dict:
+    """`FLOOR_RATIOS` of the configurations timed; stores the per-round floor in `results["floor"]`."""
+    floor = inference_floor(results)
+    if floor is None:
+        return {}
+    infer = results["times"]["infer"]
+    compiled_faster = sum(c < e for e, c in zip(infer["frozen"], infer["frozen" + COMPILED_SUFFIX]))
+    results["floor"] = {"infer": floor, "rounds_compiled_frozen_faster": compiled_faster}
+    batch = results["settings"]["batch_size"]
+    ratios = {}
+    for key, num, targets in FLOOR_RATIOS:
+        times = infer.get(num)
+        if not times:
+            continue
+        ratio = {**_paired_ratio(times, floor), "numerator": num, "denominator": "floor"}
+        if device.type == "cuda" and batch in targets:
+            ratio.update(target=f"<= {targets[batch]}", met=ratio["value"] <= targets[batch])
+        ratios[key] = ratio
     return ratios
 
 
@@ -729,7 +840,7 @@ def markdown_report(results: dict) -> str:
 
     for name in results["configs"]:
         lines.append(
-            f"| {name}: {CONFIGS[name]} | {results['layer_passes'][name]} | {results['trainable'][name]:,} | "
+            f"| {name}: {describe(name)} | {results['layer_passes'][name]} | {results['trainable'][name]:,} | "
             f"{timing('infer', name, b)} | {timing('train', name, 2 * b)} | "
             f"{_fmt_memory(results['memory'].get(name))} |"
         )
@@ -759,13 +870,22 @@ def print_report(results: dict) -> None:
                 f"machine speed during {what} timing (512x512 matmul probe, GFLOP/s): median "
                 f"{statistics.median(probes):.0f}, min {min(probes):.0f}, max {max(probes):.0f}"
             )
+    if results.get("compile"):
+        c = results["compile"]
+        print(f"--compile {c['mode']} (backend {c['backend']}): {c.get('graphs', '?')} graph(s) compiled by Dynamo")
+    floor = results.get("floor")
+    if floor:
+        print(
+            f"floor (inference) = min(eager, compiled frozen ViT) per round: the compiled one was the faster in "
+            f"{floor['rounds_compiled_frozen_faster']} of {len(floor['infer'])} rounds"
+        )
     if results.get("noisy"):
         print(
             f"WARNING: machine speed varied {results['noisy']:.1f}x during timing (other jobs on these cores?); "
             "treat the timings as unreliable and rerun on a quiet machine (on a shared CPU, --threads 1 is steadier)."
         )
     if results.get("equivalence"):
-        print("=== equivalence (ours vs token-prompt references, fp32, 4 images) ===")
+        print("=== equivalence (ours vs token-prompt references, 4 images; compiled vs eager; fp32) ===")
         for key, value in results["equivalence"].items():
             print(f"  {key}: max |diff| = {value['max_abs_diff']:.2e} ({'ok' if value['ok'] else 'MISMATCH'})")
     if results.get("sdpa_kernels"):
@@ -845,6 +965,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
         help="Sweep: run the whole benchmark once per B, e.g. 1,32,128 (overrides --batch-size); one report per B.",
     )
     parser.add_argument("--image-size", type=int)
+    # The backbone's size (a preset's ViT by default); small values make quick smoke runs.
+    parser.add_argument("--hidden-size", type=int, help="Override the preset's ViT width.")
+    parser.add_argument("--num-layers", type=int, help="Override the preset's ViT depth (L).")
+    parser.add_argument("--num-heads", type=int, help="Override the preset's attention heads.")
+    parser.add_argument("--intermediate-size", type=int, help="Override the preset's MLP width.")
+    parser.add_argument("--patch-size", type=int, help="Override the preset's patch size.")
     parser.add_argument("--repeats", type=int, help="Measured training rounds (each runs every configuration once).")
     parser.add_argument("--infer-repeats", type=int, help="Measured inference rounds (default: 3 x --repeats).")
     parser.add_argument("--warmup", type=int, help="Rounds run first and not measured.")
@@ -857,8 +983,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     parser.add_argument(
         "--compile",
-        action="store_true",
-        help="Time every configuration as torch.compile(system) (default mode); memory is then skipped.",
+        nargs="?",
+        const="replace",
+        choices=["replace", "both"],
+        help="replace (also plain --compile): time every configuration as torch.compile(system) (default mode); "
+        "memory is then skipped.\nboth: add compiled copies of frozen, lpt_phase1 and lpt_phase2 (inference "
+        "only) beside the eager configurations, with ratios to the floor min(eager, compiled frozen); needs frozen.",
+    )
+    parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend of --compile (default inductor; eager or aot_eager only trace: quick smoke runs).",
     )
     parser.add_argument("--no-memory", action="store_true", help="Skip the per-configuration memory subprocesses.")
     parser.add_argument("--no-timing", action="store_true", help="Skip the timing rounds (memory and checks only).")
@@ -876,18 +1011,30 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     overrides = {f.name: getattr(args, f.name, None) for f in fields(Settings) if f.name != "preset"}
     values.update({k: v for k, v in overrides.items() if v is not None})
     settings = Settings(**values)
-    for name in ("batch_size", "image_size", "repeats", "memory_repeats", "infer_repeats"):
+    _check_settings(parser, args, settings)
+    return args, settings
+
+
+def _check_settings(parser: argparse.ArgumentParser, args: argparse.Namespace, settings: Settings) -> None:
+    """`parser.error` (exit 2, one line) for settings the benchmark cannot run."""
+    for name in (
+        "batch_size", "image_size", "repeats", "memory_repeats", "infer_repeats", "hidden_size", "num_layers",
+        "num_heads", "intermediate_size", "patch_size",
+    ):  # fmt: skip
         if getattr(settings, name) is not None and getattr(settings, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(settings, name)}.")
     if settings.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {settings.warmup}.")
+    if settings.hidden_size % settings.num_heads:
+        parser.error(f"--hidden-size {settings.hidden_size} must be a multiple of --num-heads {settings.num_heads}.")
     if settings.image_size % settings.patch_size:
         parser.error(f"--image-size must be a multiple of the patch size {settings.patch_size}.")
     if not 0 <= settings.shared_layers < settings.num_layers:
         parser.error(f"--shared-layers must be in 0..{settings.num_layers - 1}, got {settings.shared_layers}.")
+    if args.compile == "both" and "frozen" not in args.configs:
+        parser.error("--compile both needs frozen in --configs (the floor is the faster of eager and compiled frozen)")
     if settings.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("CUDA is not available here; run the gpu preset on a GPU machine or add --device cpu (smoke).")
-    return args, settings
 
 
 def time_all(
@@ -904,12 +1051,15 @@ def time_all(
     times["infer"], probes["infer"] = round_robin(infer, settings.warmup, infer_repeats, device)
 
     print(f"timing training steps: {settings.warmup} warm-up + {settings.repeats} rounds ...", flush=True)
-    for system in systems.values():
+    # The `+compile` copies of `--compile both` are timed for inference only (a compiled training step would compile
+    # the backward too; `--compile replace` times those).
+    trained = {n: s for n, s in systems.items() if not n.endswith(COMPILED_SUFFIX)}
+    for system in trained.values():
         system.train()
-    optimizers = {n: make_optimizer(s) for n, s in systems.items()}
+    optimizers = {n: make_optimizer(s) for n, s in trained.items()}
     train = {
         n: (lambda s=s, o=optimizers[n]: train_call(s, o, x_train, labels, settings, device))
-        for n, s in systems.items()
+        for n, s in trained.items()
     }
     times["train"], probes["train"] = round_robin(train, settings.warmup, settings.repeats, device)
     return times, probes
@@ -931,13 +1081,22 @@ def run_benchmark(args: argparse.Namespace, settings: Settings) -> dict:
     print(f"building {names} on {device} ...", flush=True)
     systems = build_systems(names, settings, device)
     if args.compile:
+        # Each run (each B of a sweep) compiles afresh: graphs of another batch size would count against the
+        # recompile limit and make Dynamo treat the batch dimension as dynamic.
+        torch._dynamo.reset()
+        graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    if args.compile == "replace":
         # Compiled in place of the eager modules: the equivalence checks below then also cover the compiled path.
         # The first calls (checks or warm-up rounds) pay the compilation.
-        systems = {n: torch.compile(s) for n, s in systems.items()}
+        systems = {n: torch.compile(s, backend=args.compile_backend) for n, s in systems.items()}
         results["compiled"] = True
+    elif args.compile == "both":
+        systems.update(compiled_copies(systems, args.compile_backend))
+        results["configs"] = list(systems)
+    results["compile"] = args.compile and {"mode": args.compile, "backend": args.compile_backend}
     inputs = make_inputs(settings, device)
     results["trainable"] = {n: trainable_count(s) for n, s in systems.items()}
-    results["layer_passes"] = {n: layer_passes(n, settings) for n in names}
+    results["layer_passes"] = {n: layer_passes(n, settings) for n in systems}
 
     if not args.no_checks:
         results["equivalence"] = equivalence_check(systems, inputs, device)
@@ -946,6 +1105,10 @@ def run_benchmark(args: argparse.Namespace, settings: Settings) -> dict:
     results["times"], results["speed_probe_gflops"] = {}, {}
     if not args.no_timing:
         results["times"], results["speed_probe_gflops"] = time_all(systems, inputs, settings, device)
+    if args.compile:
+        # Graphs Dynamo compiled for the checks and timing: more than one per compiled system and precision means
+        # graph breaks or recompilations (e.g. on phase 2's per-image group choice).
+        results["compile"]["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
     for spec in args.profile:
         profile_config(spec, systems, inputs, settings, device)
 
@@ -954,7 +1117,7 @@ def run_benchmark(args: argparse.Namespace, settings: Settings) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     results["memory"] = {}
-    if not args.no_memory and not args.compile:
+    if not args.no_memory and args.compile != "replace":
         print("measuring training-step memory, one fresh subprocess per config ...", flush=True)
         results["memory"] = measure_memory(names, settings)
     results["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
