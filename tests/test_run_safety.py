@@ -279,4 +279,4 @@ def test_the_adapter_records_the_data_sets_own_options(tmp_path):
 
     recorded = yaml.safe_load(card.split("---")[1])["lpt_data"]
     assert recorded == {"dataset": "imagefolder", "train_dir": base["train_dir"], "test_dir": base["test_dir"],
-                        "val_dir": base["val_dir"], "verify_images": False}  # fmt: skip (options left unset are not passed)
+                        "val_dir": base["val_dir"], "verify_images": False}  # fmt: skip (unset options: not passed)

@@ -92,7 +92,7 @@ def log_launch(accelerator: Accelerator, args: LPTTrainingArguments) -> None:
 def warn_idle_cpu_cores(accelerator: Accelerator) -> str | None:
     """Warn (and return the message) when a CPU run leaves cores idle: `accelerate launch` without `--cpu` or
     `--num_cpu_threads_per_process` exports OMP_NUM_THREADS=1, so one process trains on one thread whatever the
-    machine has (the demo measured 1.75 s per step on 1 thread and 1.14 s on 2 threads of a 2-core machine)."""
+    machine has (the demo's process then kept one of the two cores of the development machine idle)."""
     if accelerator.device.type != "cpu" or not accelerator.is_local_main_process:
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
