@@ -262,3 +262,21 @@ def test_stale_partial_folders_are_removed_at_the_next_start(tmp_path):
     run_training(small_args(out, phase="1"))
     assert not stale.exists()
     assert not list((out / "checkpoints").glob("*.partial"))
+
+
+def test_data_options_the_data_set_does_not_take_are_not_compared():
+    """Before data options defaulted to "the data set's own", checkpoints recorded the command line's n_max 500,
+    imbalance 100, ... even for data sets without them (folders, Places-LT): such a checkpoint must still resume, and a
+    data set's own defaults are recorded by value."""
+    from lpt_peft.data.synthetic import make_synthetic_long_tail
+    from lpt_peft.training.checkpointing import run_record
+
+    data = make_synthetic_long_tail(num_classes=3, n_max=6, imbalance=2, image_size=8)
+    base = {"model_name_or_path": "tiny-random", "image_size": 8, "output_dir": "/nonexistent", "report_to": "none"}
+    folders = LPTTrainingArguments(dataset="imagefolder", train_dir="/t", test_dir="/e", **base)
+    record = run_record(folders, data, 1)
+    assert not {"n_max", "imbalance", "val_per_class", "num_classes", "data_seed"} & set(record["options"])
+    old = {**record, "options": {**record["options"], "n_max": 500, "imbalance": 100.0, "data_seed": 0}}
+    assert resume_mismatches(old, record) == []
+    synthetic = run_record(LPTTrainingArguments(dataset="synthetic", **base), data, 1)
+    assert (synthetic["options"]["n_max"], synthetic["options"]["imbalance"]) == (40, 10.0)  # the builder's defaults

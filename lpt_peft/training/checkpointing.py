@@ -277,11 +277,19 @@ def run_record(args: LPTTrainingArguments, data: LongTailDataset, num_processes:
     """Everything that determines a run's trajectory; a checkpoint stores it and a resume must match it.
 
     A data option left unset is recorded with the value the data set used (its builder's default), so a resume that
-    passes that value explicitly matches, and a refusal names the value to pass."""
-    from lpt_peft.data.registry import dataset_options_from_args
+    passes that value explicitly matches, and a refusal names the value to pass. A data option the data set does not
+    take is not recorded: it cannot change the data (and older checkpoints, which recorded the command line's
+    defaults for them, then still resume)."""
+    from lpt_peft.data.registry import dataset_options, dataset_options_from_args
+    from lpt_peft.training.arguments import DATASET_ARGUMENTS
 
     resolved = dataset_options_from_args(args, resolve_defaults=True)
-    options = {name: getattr(args, name) for name in TRAJECTORY_OPTIONS}
+    accepted = dataset_options(args.dataset)
+    options = {
+        name: getattr(args, name)
+        for name in TRAJECTORY_OPTIONS
+        if name not in DATASET_ARGUMENTS or name in accepted
+    }
     options.update({name: resolved[name] for name, value in options.items() if value is None and name in resolved})
     return {
         "options": options,
