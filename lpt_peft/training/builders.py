@@ -206,12 +206,10 @@ def objective_from_args(
 def loss_scale_kwargs(loss_name: str, logit_scale: float | None) -> dict[str, float]:
     """`{"scale": logit_scale}` for a registered loss whose constructor takes `scale` (agcl, ce, logit_adjusted), else
     `{}` (a loss registered without it receives unscaled cosines and scales them itself)."""
-    import inspect
-
     from lpt_peft.training.losses import LOSSES, _normalize_choice
 
     loss_cls = LOSSES[_normalize_choice(loss_name, "loss name", tuple(LOSSES))]
-    if logit_scale is None or "scale" not in inspect.signature(loss_cls.__init__).parameters:
+    if logit_scale is None or "scale" not in _parameters(loss_cls.__init__):
         return {}
     return {"scale": float(logit_scale)}
 
