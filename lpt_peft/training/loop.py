@@ -302,6 +302,9 @@ def _validate_epoch(run, epoch, running, data, args, accelerator, state) -> dict
             description=f"val phase {run.phase} epoch {epoch}",
         )
         record.update({f"val_{k}": metrics[k] for k in ("overall", "many", "medium", "few")})
+        from lpt_peft.training.recipe import SELECTION_METRIC, mean_per_class_accuracy
+
+        record[SELECTION_METRIC] = mean_per_class_accuracy(metrics)  # what the learning-rate trials are scored by
         accelerator.log(
             {f"phase{run.phase}/val_{k}": v for k, v in record.items() if k.startswith("val_")},
             step=state.global_step + 100_000 * (run.phase - 1),

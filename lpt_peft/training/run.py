@@ -7,6 +7,8 @@ objective, sampler), `checkpointing` (states, resume checks, atomic saves), `loo
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import os
@@ -37,6 +39,7 @@ from lpt_peft.training.checkpointing import (
     check_output_dir,
     check_resume,
     install_adapter_only_checkpointing,
+    load_adapter_weights,
     run_record,
     save_adapter,
 )
@@ -49,9 +52,13 @@ from lpt_peft.training.data import (
 )
 from lpt_peft.training.loop import callbacks_from_env, evaluate, scaled_learning_rate, train_phase
 from lpt_peft.training.recipe import (
+    CollapseGuard,
+    PhaseCollapsed,
     check_selection_possible,
+    collapse_threshold,
     describe_recipe,
     initialize_head_from_prototypes,
+    phase_epochs,
     phase_learning_rate,
 )
 
@@ -107,7 +114,6 @@ def warn_idle_cpu_cores(accelerator: Accelerator) -> str | None:
     )
     logger.warning(message)
     return message
-
 
 
 def _trackers(args: LPTTrainingArguments) -> list[str] | None:
@@ -276,15 +282,12 @@ def run_training(args: LPTTrainingArguments, data: LongTailDataset | None = None
         if phase == 1 and resume_here is None and args.head_init == "prototypes":
             initialize_head_from_prototypes(model, data, args, accelerator)
         # Chosen before the phase's first checkpoint, so a resumed phase finds its choice in `state.run`.
-        phase_args, selection = phase_learning_rate(model, phase, data, args, accelerator, state)
-        num_epochs = args.epochs_phase1 if phase == 1 else args.epochs_phase2
-        objective = objective_from_args(phase_args, data.train_class_counts, num_epochs)
-        sampler = sampler_from_args(phase_args, dataset_labels(data.train), accelerator)
-        best = train_phase(
-            model, phase, data, phase_args, accelerator, checkpoints, state, resume_here,
-            objective=objective, sampler=sampler, callbacks=callbacks,
-        )  # fmt: skip
-        best = {**best, **_recipe_summary(phase_args, selection)}
+        epoch_args = _with_phase_epochs(args, phase, data, accelerator)
+        phase_args, selection = phase_learning_rate(model, phase, data, epoch_args, accelerator, state)
+        best, phase_args, selection = _train_phase_guarded(
+            model, phase, data, phase_args, selection, accelerator, checkpoints, state, resume_here, callbacks
+        )
+        best = {**best, **_recipe_summary(phase, phase_args, selection)}
         save_adapter(model, output_dir / f"phase{phase}", accelerator)
         num_groups = model.peft_config[model.active_adapter].num_groups if phase == 2 else None
         result = evaluate(
@@ -313,13 +316,106 @@ def _run_record(args: LPTTrainingArguments, data: LongTailDataset, num_processes
 # Recipe options recorded with the run besides checkpointing.TRAJECTORY_OPTIONS (which holds the learning rate, ...).
 RECIPE_RECORD_OPTIONS = (
     "recipe", "head_init", "select_learning_rate", "learning_rate_grid", "lr_trial_steps",
-    "select_learning_rate_phase2",
+    "select_learning_rate_phase2", "collapse_guard", "min_images_per_class",
 )  # fmt: skip
 
 
-def _recipe_summary(phase_args: LPTTrainingArguments, selection) -> dict[str, Any]:
-    """What results.json records of a phase's recipe: the preset, the head start and the learning rate used."""
-    summary: dict[str, Any] = {"recipe": phase_args.recipe, "learning_rate": phase_args.learning_rate}
+def _with_phase_epochs(args: LPTTrainingArguments, phase: int, data: LongTailDataset, accelerator: Accelerator):
+    """`args`, or a copy with `epochs_phase<phase>` raised by `--min_images_per_class` (recipe.phase_epochs)."""
+    sampler = sampler_from_args(args, dataset_labels(data.train), accelerator)
+    epochs = phase_epochs(args, phase, sampler, data.num_classes, accelerator.num_processes)
+    name = f"epochs_phase{phase}"
+    if epochs == getattr(args, name):
+        return args
+    logger.info(
+        "phase %d: %d epochs instead of --%s %d, to train on >= %d images per class (--min_images_per_class)",
+        phase, epochs, name, getattr(args, name), args.min_images_per_class,
+    )  # fmt: skip
+    raised = copy.copy(args)
+    setattr(raised, name, epochs)
+    return raised
+
+
+def _train_once(model, phase, data, phase_args, accelerator, checkpoints, state, resume_dir, callbacks):
+    num_epochs = getattr(phase_args, f"epochs_phase{phase}")
+    objective = objective_from_args(phase_args, data.train_class_counts, num_epochs)
+    sampler = sampler_from_args(phase_args, dataset_labels(data.train), accelerator)
+    return train_phase(
+        model, phase, data, phase_args, accelerator, checkpoints, state, resume_dir,
+        objective=objective, sampler=sampler, callbacks=callbacks,
+    )  # fmt: skip
+
+
+def _collapse_guard(phase: int, phase_args: LPTTrainingArguments, selection) -> CollapseGuard | None:
+    """The guard of a phase trained at a rate chosen by its own trials; None without a smaller rate to fall back to
+    (or with --collapse_guard false, or when phase 2 reuses phase 1's rate: phase 1's trials score another model)."""
+    if not phase_args.collapse_guard or selection is None or selection.phase != phase:
+        return None
+    found = collapse_threshold(selection, phase_args.learning_rate)
+    return None if found is None else CollapseGuard(phase, phase_args.learning_rate, *found)
+
+
+def _train_phase_guarded(
+    model, phase, data, phase_args, selection, accelerator, checkpoints, state, resume, callbacks
+):
+    """[`train_phase`] under the [`CollapseGuard`]: on a collapse, the phase restarts from the weights and random
+    state it started with, at the next smaller candidate rate, until it passes or no smaller rate is left. The
+    rejected rates go into the selection (`restarts`) and into `state.run`, so a checkpoint of the restarted phase
+    resumes it at the new rate.
+
+    Returns:
+        `(best, phase_args, selection)` of the attempt that finished.
+    """
+    guard = _collapse_guard(phase, phase_args, selection)
+    start_dir = Path(phase_args.output_dir) / "best" / f"phase{phase}-start"
+    rng_file = start_dir.with_name(f"{start_dir.name}-rng{accelerator.process_index}.pt")
+    if guard is not None and resume is None:
+        save_adapter(model, start_dir, accelerator)  # on disk, so a resumed phase can still restart from its start
+        torch.save(_rng_states(), rng_file)
+    elif guard is not None and not (start_dir / "adapter_model.safetensors").is_file():
+        logger.warning("phase %d: the collapse guard is off for this resumed run (%s is missing)", phase, start_dir)
+        guard = None
+    while True:
+        run_callbacks = [*callbacks, guard] if guard is not None else callbacks
+        try:
+            best = _train_once(model, phase, data, phase_args, accelerator, checkpoints, state, resume, run_callbacks)
+            return best, phase_args, selection
+        except PhaseCollapsed as collapse:
+            logger.warning("%s", collapse)
+            load_adapter_weights(model, start_dir)
+            _set_rng_states(torch.load(rng_file))
+            rejected = {"learning_rate": collapse.learning_rate, "score": collapse.score}
+            rejected["threshold"] = collapse.threshold
+            selection = dataclasses.replace(
+                selection, chosen=collapse.fallback, restarts=[*selection.restarts, rejected]
+            )
+            state.run.setdefault("lr_selection", {})[f"phase{phase}"] = selection.to_dict()
+            state.history = [record for record in state.history if record.get("phase") != phase]
+            phase_args = copy.copy(phase_args)
+            phase_args.learning_rate, resume = collapse.fallback, None
+            guard = _collapse_guard(phase, phase_args, selection)
+
+
+def _rng_states() -> dict[str, Any]:
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _recipe_summary(phase: int, phase_args: LPTTrainingArguments, selection) -> dict[str, Any]:
+    """What results.json records of a phase's recipe: the preset, the epochs and the learning rate trained."""
+    summary: dict[str, Any] = {
+        "recipe": phase_args.recipe,
+        "epochs": getattr(phase_args, f"epochs_phase{phase}"),
+        "learning_rate": phase_args.learning_rate,
+    }
     if selection is not None:
         summary["learning_rate_selection"] = selection.to_dict()
     return summary
