@@ -449,3 +449,35 @@ def test_guard_restarts_a_collapsed_phase_exactly_as_a_run_at_the_fallback_rate(
     state = TrainerState.load(latest / "trainer_state.json")
     assert state.run["lr_selection"]["phase1"] == selection  # a resume continues at 0.05
     assert [r["epoch"] for r in state.history] == [0, 1]  # the collapsed attempt's epoch is not in the history
+
+
+def test_a_run_interrupted_after_a_restart_resumes_at_the_fallback_rate_exactly(tmp_path, monkeypatch):
+    # Guarded as above; the run is interrupted in the restarted attempt's second epoch and resumed from its latest
+    # checkpoint: it must continue at the fallback rate (not search, not restart again) and end where the straight
+    # run ends.
+    from lpt_peft.training import loop
+
+    stub_scores = {0.05: 50.0, 1e4: 60.0}
+    monkeypatch.setattr(recipe, "learning_rate_trial", lambda *args, **kwargs: stub_scores.__getitem__)
+    options = dict(phase="1", epochs_phase1=2, lr_trial_steps=2, learning_rate_grid=[0.05, 1e4], max_steps_per_epoch=4)
+    run_training(small_args(tmp_path / "straight", **options))
+
+    class CrashInEpoch1(loop.TrainingCallback):
+        def on_step_end(self, phase, state):
+            if state.epoch == 1 and state.run["lr_selection"]["phase1"]["restarts"]:
+                raise _Crash
+
+    monkeypatch.setattr("lpt_peft.training.run.callbacks_from_env", lambda: [CrashInEpoch1()])
+    with pytest.raises(_Crash):
+        run_training(small_args(tmp_path / "resumed", **options))
+    monkeypatch.setattr("lpt_peft.training.run.callbacks_from_env", lambda: [])
+    monkeypatch.setattr(recipe, "select_phase_learning_rate", lambda *a, **k: pytest.fail("searched again"))
+    run_training(small_args(tmp_path / "resumed", resume_from_checkpoint="latest", **options))
+    rows = {name: json.loads((tmp_path / name / "results.json").read_text()) for name in ("straight", "resumed")}
+    assert rows["resumed"] == rows["straight"]
+    assert rows["straight"]["LPT phase 1"]["learning_rate_selection"]["chosen"] == 0.05
+    from safetensors.torch import load_file
+
+    straight = load_file(tmp_path / "straight" / "phase1" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "phase1" / "adapter_model.safetensors")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
