@@ -55,7 +55,10 @@ def tiny_random_vit(image_size: int = 32, seed: int = 0, attn_implementation: st
 def build_backbone(config, class_name: str | None = None, attn_implementation: str = "sdpa") -> nn.Module:
     """A randomly initialised backbone of `config`'s family, built as the loader would load it (e.g. no pooler).
 
-    Used by the converters, which build the model from a config and then fill in converted weights.
+    Used by the converters, which build the model from a config and then fill in converted weights. The initial
+    weights are drawn from a fork of the global generator: a seeded caller gets the same weights, and building never
+    moves the caller's random stream (a training run that converted its backbone would otherwise draw other prompts
+    than one that loaded it; issue 10).
 
     Args:
         config: A transformers config whose `model_type` has a registered `BackboneFamily`.
@@ -77,7 +80,8 @@ def build_backbone(config, class_name: str | None = None, attn_implementation: s
     family = get_backbone_family(config.model_type)
     class_name = class_name or family.base_class
     config._attn_implementation = attn_implementation
-    return getattr(transformers, class_name)(config, **family.load_kwargs(class_name))
+    with torch.random.fork_rng(devices=[]):
+        return getattr(transformers, class_name)(config, **family.load_kwargs(class_name))
 
 
 def backbone_image_size(model: nn.Module) -> int | None:

