@@ -14,10 +14,10 @@ per-seed numbers, the issue's acceptance checks) and the plots (`<set>_bars.png`
 `ablations.png`) are written from the store.
 
 The benchmark preset (what makes a (set, seed) cost a few minutes on 2 CPU cores): the demo's recipe,
-`configs/demo_fashion_mnist.yaml` (the 56 px DINOv2 ViT-S/14 demo backbone, batch 32, 3 + 2 epochs, probes with
-their learning rate chosen on val), with each set's data options of `SETS`. Only the data set, its options, the
-seed and the output folder are set here; every other option keeps the training entry's own default or the demo
-config's value, so a changed default of the training code applies here unchanged.
+`configs/demo_fashion_mnist.yaml` (the 56 px DINOv2 ViT-S/14 demo backbone, batch 32, 3 + 2 epochs raised by
+`min_images_per_class`, probes with their learning rate chosen on val), with each set's data options of `SETS`.
+Only the data set, its options, the seed and the output folder are set here; every other option keeps the training
+entry's own default or the demo config's value, so a changed default of the training code applies here unchanged.
 
 Phase-2 ablations (`--ablations`, on `--ablation_set`, `--ablation_seeds` seeds): every variant starts phase 2 from
 the same seed's phase-1 adapter of the main run (`--phase 2 --init_from`), so only phase 2 differs:
@@ -61,8 +61,8 @@ ABLATIONS = {
     "top_k_1": ["--top_k", "1"],
     "top_k_3": ["--top_k", "3"],
     "more_groups": ["--num_groups", "40"],
-    # 3x the phase-2 training of the preset: 3x its images per class (demo config: 480; 30-class set: 5 -> 15 epochs).
-    "longer_phase2": ["--min_images_per_class", "1440"],
+    # 3x the phase-2 training of the run: 3x its own --min_images_per_class (set in `ablation_options`).
+    "longer_phase2": [],
     # 10x the matching term's weight (0.5 -> 5): the keys' only learning signal, against a loss scaled by 40.
     "matching_weight_x10": ["--matching_weight", "5.0"],
 }
@@ -113,13 +113,26 @@ def variant_command(variant: str, argv: list[str], main_dir: Path) -> list[str]:
     script = [sys.executable, str(REPO / "examples" / "train_lpt.py")]
     if variant == "main":
         return [*script, *argv]
-    options = ABLATIONS[variant]
+    options = ablation_options(variant, argv)
     if variant in CONFIG_VARIANTS:
         return [*script, *argv, "--baselines", "none", *options]
     phase2 = ["--phase", "2", "--init_from", str(main_dir / "phase1"), "--baselines", "none"]
     if options and options[0] == "--ablation":
         return [sys.executable, "-m", "lpt_peft.evaluation.ablations", *options, "--", *argv, *phase2]
     return [*script, *argv, *phase2, *options]
+
+
+def ablation_options(variant: str, argv: list[str]) -> list[str]:
+    """The options a variant adds; `longer_phase2` triples the images per class the run's own options give (config
+    file, then anything passed after `--`), so it stays 3x the preset when the preset changes."""
+    if variant != "longer_phase2":
+        return ABLATIONS[variant]
+    from lpt_peft.training.arguments import parse_training_args
+
+    base = parse_training_args(argv).min_images_per_class
+    if base is None:
+        raise ValueError("longer_phase2 triples --min_images_per_class, which this run leaves unset; pass it after --")
+    return ["--min_images_per_class", str(3 * base)]
 
 
 def run_variant(name: str, seed: int, variant: str, args: argparse.Namespace) -> dict:
@@ -210,11 +223,13 @@ def execute(args: argparse.Namespace) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- the report
 def best_phase(rows: dict) -> dict | None:
-    """LPT's phase with the higher validation accuracy (phase 2 on a tie); None without both phases."""
+    """LPT's phase chosen on validation (the training entry's own rule, `best_phase_by_validation`: phase 2 on a tie
+    or without scores); the phase there is if only one is; None without either."""
     if P1 not in rows or P2 not in rows:
         return rows.get(P2) or rows.get(P1)
-    p1, p2 = rows[P1].get("best_val_overall"), rows[P2].get("best_val_overall")
-    return rows[P1] if p1 is not None and p2 is not None and p1 > p2 else rows[P2]
+    from lpt_peft.training.recipe import best_phase_by_validation
+
+    return rows[P1] if best_phase_by_validation(rows) == 1 else rows[P2]
 
 
 def per_seed(store: dict, name: str, variant: str = "main") -> dict[str, dict[str, list]]:

@@ -40,7 +40,11 @@ def test_reduced_demo_runs_every_stage(tmp_path):
         "Linear probe (A-GCL, dual sampling)",
         "LPT phase 1",
         "LPT phase 2",
+        "LPT (best phase by val)",  # the adapter to deploy: a copy of the phase that scored higher on validation
     ]
+    best = rows.pop("LPT (best phase by val)")
+    assert best == {**rows[f"LPT phase {best['phase']}"], "phase": best["phase"]}
+    assert f"to deploy: {out / ('phase' + str(best['phase']))}/" in result.stdout  # said after the table
     for row in rows.values():
         assert 0.0 <= row["overall"] <= 100.0
     assert "| LPT phase 2 |" in result.stdout  # the table is printed

@@ -481,3 +481,39 @@ def test_a_run_interrupted_after_a_restart_resumes_at_the_fallback_rate_exactly(
     straight = load_file(tmp_path / "straight" / "phase1" / "adapter_model.safetensors")
     resumed = load_file(tmp_path / "resumed" / "phase1" / "adapter_model.safetensors")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+# ------------------------------------------------------------------------------------------- which phase
+def test_best_phase_by_validation_by_hand():
+    def rows(val1, val2):
+        return {"LPT phase 1": {"best_val_overall": val1}, "LPT phase 2": {"best_val_overall": val2}}
+
+    assert recipe.best_phase_by_validation(rows(64.0, 63.5)) == 1  # the demo's seed 42 with 3 + 3 epochs
+    assert recipe.best_phase_by_validation(rows(64.0, 64.5)) == 2
+    assert recipe.best_phase_by_validation(rows(64.0, 64.0)) == 2  # a tie keeps the paper's final model
+    assert recipe.best_phase_by_validation(rows(None, 64.0)) is None  # no validation split: nothing to choose on
+    assert recipe.best_phase_by_validation(rows(math.nan, 64.0)) is None
+    assert recipe.best_phase_by_validation({"LPT phase 2": {"best_val_overall": 64.0}}) is None
+
+
+def test_a_two_phase_run_reports_the_phase_chosen_on_validation(tmp_path):
+    common = dict(epochs_phase1=1, epochs_phase2=1, max_steps_per_epoch=2, select_learning_rate=False)
+    run_training(small_args(tmp_path / "both", **common))
+    rows = json.loads((tmp_path / "both" / "results.json").read_text())
+    val1, val2 = (rows[f"LPT phase {p}"]["best_val_overall"] for p in (1, 2))
+    chosen = 1 if val1 > val2 else 2
+    assert rows[recipe.BEST_PHASE_ROW] == {**rows[f"LPT phase {chosen}"], "phase": chosen}
+    assert recipe.BEST_PHASE_ROW in (tmp_path / "both" / "results.md").read_text()
+    # Phase 2 trained again into the same folder (its phase-1 row stays): the choice is made again from the new row.
+    results = tmp_path / "both" / "results.json"
+    results.write_text(json.dumps({**rows, "LPT phase 1": {**rows["LPT phase 1"], "best_val_overall": 101.0}}))
+    again = dict(phase="2", init_from=str(tmp_path / "both" / "phase1"), overwrite_output_dir=True, seed=7)
+    run_training(small_args(tmp_path / "both", **common, **again))
+    rows = json.loads(results.read_text())
+    assert rows[recipe.BEST_PHASE_ROW] == {**rows["LPT phase 1"], "phase": 1}  # 101% on val beats any phase 2
+    # No phase-1 row left to compare with: a best-phase row from before is removed, not kept stale.
+    results.write_text(json.dumps({k: v for k, v in rows.items() if k != "LPT phase 1"}))
+    run_training(small_args(tmp_path / "both", **common, **again))
+    assert set(json.loads(results.read_text())) == {"LPT phase 2"}
+    run_training(small_args(tmp_path / "one", phase="1", **common))  # one phase: nothing to choose between
+    assert recipe.BEST_PHASE_ROW not in json.loads((tmp_path / "one" / "results.json").read_text())

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 
 def _load():
@@ -105,7 +106,13 @@ def test_ablation_plan_and_commands(rb, fake_runs, tmp_path):
     control = rb.variant_command("phase2_control", argv, main_dir)  # phase 2 again from the same adapter, unchanged
     assert control[1].endswith("train_lpt.py") and control[2:-6] == argv and control[-6:] == hook[-6:]
     longer = rb.variant_command("longer_phase2", argv, main_dir)
-    assert longer[-2:] == ["--min_images_per_class", "1440"] and "--init_from" in longer
+    preset = yaml.safe_load((rb.REPO / "configs" / "demo_fashion_mnist.yaml").read_text())["min_images_per_class"]
+    assert longer[-2:] == ["--min_images_per_class", str(3 * preset)] and "--init_from" in longer
+    # 3x the run's own value: an option given after -- counts, not only the preset's.
+    longer = rb.variant_command("longer_phase2", [*argv, "--min_images_per_class", "100"], main_dir)
+    assert longer[-2:] == ["--min_images_per_class", "300"]
+    with pytest.raises(ValueError, match="leaves unset"):  # nothing to triple: said, not a silent 3 x None
+        rb.variant_command("longer_phase2", ["--dataset", "mnist_family_lt", "--output_dir", str(main_dir)], main_dir)
 
 
 def test_bad_arguments(rb):

@@ -56,7 +56,7 @@ def test_both_phases_end_to_end_and_reload_reproduces_accuracy(tmp_path):
     launch(["--output_dir", str(out), "--epochs_phase1", "3", "--epochs_phase2", "2", "--report_to", "tensorboard"])
     rows = json.loads((out / "results.json").read_text())
     assert list(out.rglob("events.out.tfevents*")), "no TensorBoard log written"
-    assert set(rows) == {"LPT phase 1", "LPT phase 2"}
+    assert set(rows) == {"LPT phase 1", "LPT phase 2", "LPT (best phase by val)"}
     state = json.loads(
         (out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip() / "trainer_state.json").read_text()
     )
@@ -95,7 +95,8 @@ def test_two_processes_train_both_phases(tmp_path):
     model = PeftModel.from_pretrained(tiny_random_vit(32), out / "phase2").eval()
     logits = model(pixel_values=torch.randn(2, 3, 32, 32)).logits
     assert logits.shape == (2, 6) and torch.isfinite(logits).all()
-    assert set(json.loads((out / "results.json").read_text())) == {"LPT phase 1", "LPT phase 2"}
+    rows = json.loads((out / "results.json").read_text())
+    assert set(rows) == {"LPT phase 1", "LPT phase 2", "LPT (best phase by val)"}
     # Resuming the 2-process checkpoint with 1 process would change the epoch length, lr scale and batches: refused.
     files = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     with pytest.raises(ValueError, match="processes: the checkpoint was written by 2, this run has 1"):

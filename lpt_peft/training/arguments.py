@@ -258,7 +258,7 @@ class LPTTrainingArguments:
         metadata={
             "help": "Each phase trains on at least this many images per class (its epochs x images per epoch / "
             "classes): --epochs_phase1/2 are raised to reach it, so a short schedule written for a few classes is not "
-            "cut short on many (the demo config: 480). None, or with --max_steps_per_epoch: the epochs as given."
+            "cut short on many (the demo config: 720). None, or with --max_steps_per_epoch: the epochs as given."
         },
     )
     head_init: str | None = field(

@@ -343,6 +343,30 @@ class CollapseGuard:
             raise PhaseCollapsed(phase, self.learning_rate, score, self.threshold, self.fallback)
 
 
+# ------------------------------------------------------------------------------------------- which phase
+BEST_PHASE_ROW = "LPT (best phase by val)"
+
+
+def best_phase_by_validation(rows: dict[str, dict[str, Any]]) -> int | None:
+    """The LPT phase to deploy: the one whose best epoch scored higher on the validation split.
+
+    Phase 2 is the paper's final model, but on small or few-class data its extra epochs can end below phase 1
+    (docs/results.md), and choosing between the two adapters is model selection like choosing an epoch: it uses the
+    validation split, never the test set. A tie goes to phase 2.
+
+    Args:
+        rows: Method name -> result row, as in results.json; reads `best_val_overall` of `"LPT phase 1"` and
+            `"LPT phase 2"`.
+
+    Returns:
+        `1` or `2`; None when a phase or its validation score is missing (a single-phase run, no validation split).
+    """
+    scores = [rows.get(f"LPT phase {phase}", {}).get("best_val_overall") for phase in (1, 2)]
+    if any(score is None or math.isnan(score) for score in scores):
+        return None
+    return 1 if scores[0] > scores[1] else 2
+
+
 # ------------------------------------------------------------------------------------------- phase length
 def phase_epochs(args, phase: int, sampler, num_classes: int, num_processes: int) -> int:
     """The epochs phase `phase` trains: `--epochs_phase<phase>`, raised to train at least `--min_images_per_class`
@@ -350,10 +374,9 @@ def phase_epochs(args, phase: int, sampler, num_classes: int, num_processes: int
 
     An epoch trains `len(sampler)` steps of `sum(sampler.split_sizes)` images per process, so `images per class =
     epochs x steps x batch x processes / num_classes`. A run with `--max_steps_per_epoch` (quick runs, tests) keeps
-    its epochs. Why: the demo's 3 + 2 epochs
-    give each class ~750 + 500 images on Fashion-MNIST-LT (10 classes, 1,236 images), but ~330 + 220 on the 30-class
-    set (1,626 images), whose phase 2 then stops short: 6 epochs of phase 2 there gave 71.9% against 64.7%
-    (docs/results.md).
+    its epochs. Why: the demo's 3 + 2 epochs give each class ~750 + 500 images on Fashion-MNIST-LT (10 classes,
+    1,236 images), but ~330 + 220 on the 30-class set (1,626 images), whose phase 2 then stops short: 6 epochs of
+    phase 2 there gave 71.9% against 64.7% (docs/results.md).
 
     Returns:
         `int`, >= the given epochs.

@@ -52,8 +52,10 @@ from lpt_peft.training.data import (
 )
 from lpt_peft.training.loop import callbacks_from_env, evaluate, scaled_learning_rate, train_phase
 from lpt_peft.training.recipe import (
+    BEST_PHASE_ROW,
     CollapseGuard,
     PhaseCollapsed,
+    best_phase_by_validation,
     check_selection_possible,
     collapse_threshold,
     describe_recipe,
@@ -200,6 +202,8 @@ def _report_phase(model, name: str, result, best, data, args) -> dict[str, dict[
 
     output_dir = Path(args.output_dir)
     rows = _merge_json(output_dir / "results.json", {name: {**_summary(result), **best}})
+    if name == "LPT phase 2":
+        rows = _refresh_best_phase(output_dir / "results.json", rows)
     # The card of the pushed/saved adapter shows the test table of this run.
     model.base_model.card_info["results_markdown"] = format_results_table(rows)
     model.base_model.card_info["results"] = rows  # the card's model-index takes this adapter's row from here
@@ -221,6 +225,22 @@ def _report_phase(model, name: str, result, best, data, args) -> dict[str, dict[
         title=f"Per-class test accuracy vs training count ({args.dataset})",
     )
     return rows
+
+
+def _refresh_best_phase(path: Path, rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Write the row of the phase chosen on validation (`BEST_PHASE_ROW`, with its `phase`) from the folder's phase
+    rows, and log it. A phase-2 run keeps the folder's phase-1 row, so the choice is made again from both; with no
+    choice to make (no phase-1 row, no validation scores) a row left by an earlier run is removed, not kept stale."""
+    phase = best_phase_by_validation(rows)
+    if phase is None:
+        if BEST_PHASE_ROW in rows:
+            rows = {name: row for name, row in rows.items() if name != BEST_PHASE_ROW}
+            _atomic_write_text(path, json.dumps(rows, indent=2, allow_nan=True))
+        return rows
+    scores = ", ".join(f"phase {p} {rows[f'LPT phase {p}']['best_val_overall']:.2f}%" for p in (1, 2))
+    adapter = path.parent / f"phase{phase}"
+    logger.info("Best phase on validation: phase %d (%s); its adapter: %s", phase, scores, adapter)
+    return _merge_json(path, {BEST_PHASE_ROW: {**rows[f"LPT phase {phase}"], "phase": phase}})
 
 
 def _prepare_model(args, data, accelerator, resume_dir) -> PeftModel:
@@ -429,6 +449,9 @@ def _finish(accelerator: Accelerator, rows, args: LPTTrainingArguments) -> None:
         print(f"\nTest accuracy (%) by shot group, {args.dataset} ({grouping} groups: many n>100, few n<20):")
         print(format_results_table(rows))
         print(f"Adapters, results.json/.md and plots are in {Path(args.output_dir)}/")
+        if BEST_PHASE_ROW in rows:
+            best = Path(args.output_dir) / f"phase{rows[BEST_PHASE_ROW]['phase']}"
+            print(f"The phase chosen on validation, to deploy: {best}/")
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
