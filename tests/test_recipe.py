@@ -494,9 +494,16 @@ def test_best_phase_by_validation_by_hand():
     assert recipe.best_phase_by_validation(rows(None, 64.0)) is None  # no validation split: nothing to choose on
     assert recipe.best_phase_by_validation(rows(math.nan, 64.0)) is None
     assert recipe.best_phase_by_validation({"LPT phase 2": {"best_val_overall": 64.0}}) is None
+    same, other = rows(64.0, 63.5), rows(64.0, 63.5)  # validated on the same data: compared
+    for fingerprint, row in zip(("a", "a"), same.values()):
+        row["validation_data"] = fingerprint
+    assert recipe.best_phase_by_validation(same) == 1
+    for fingerprint, row in zip(("a", "b"), other.values()):  # on other data (a rerun with other options): not
+        row["validation_data"] = fingerprint
+    assert recipe.best_phase_by_validation(other) is None
 
 
-def test_a_two_phase_run_reports_the_phase_chosen_on_validation(tmp_path):
+def test_a_two_phase_run_reports_the_phase_chosen_on_validation(tmp_path, monkeypatch, caplog):
     common = dict(epochs_phase1=1, epochs_phase2=1, max_steps_per_epoch=2, select_learning_rate=False)
     run_training(small_args(tmp_path / "both", **common))
     rows = json.loads((tmp_path / "both" / "results.json").read_text())
@@ -517,3 +524,35 @@ def test_a_two_phase_run_reports_the_phase_chosen_on_validation(tmp_path):
     assert set(json.loads(results.read_text())) == {"LPT phase 2"}
     run_training(small_args(tmp_path / "one", phase="1", **common))  # one phase: nothing to choose between
     assert recipe.BEST_PHASE_ROW not in json.loads((tmp_path / "one" / "results.json").read_text())
+    # Phase 2 again, on the same data and then on other validation data, whose scores do not compare: no choice.
+    again = {**again, "init_from": str(tmp_path / "one" / "phase1")}
+    run_training(small_args(tmp_path / "one", **common, **again))
+    rows = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert recipe.BEST_PHASE_ROW in rows  # same data: chosen
+    with caplog.at_level("WARNING"):
+        run_training(small_args(tmp_path / "one", val_per_class=2, **common, **again))
+    rows = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert recipe.BEST_PHASE_ROW not in rows and "not validated on the same data" in caplog.text
+    assert rows["LPT phase 1"]["validation_data"] != rows["LPT phase 2"]["validation_data"]
+
+
+def test_a_phase_2_rerun_that_fails_leaves_no_row_of_the_adapter_it_replaced(tmp_path, monkeypatch):
+    from lpt_peft.training import loop
+
+    common = dict(epochs_phase1=1, epochs_phase2=1, max_steps_per_epoch=2, select_learning_rate=False)
+    run_training(small_args(tmp_path, **common))
+    assert {"LPT phase 2", recipe.BEST_PHASE_ROW} <= set(json.loads((tmp_path / "results.json").read_text()))
+
+    class CrashAtFirstStep(loop.TrainingCallback):
+        def on_step_end(self, phase, state):
+            raise _Crash
+
+    monkeypatch.setattr("lpt_peft.training.run.callbacks_from_env", lambda: [CrashAtFirstStep()])
+    again = dict(phase="2", init_from=str(tmp_path / "phase1"), overwrite_output_dir=True)
+    with pytest.raises(_Crash):
+        run_training(small_args(tmp_path, **common, **again))
+    assert not (tmp_path / "phase2").exists()  # the overwrite removed the old phase-2 adapter ...
+    for name in ("results.json", "per_class_accuracy.json"):  # ... and with it every row that described it
+        assert set(json.loads((tmp_path / name).read_text())) == {"LPT phase 1"}
+    assert "LPT phase 2" not in (tmp_path / "results.md").read_text()
+    assert "LPT phase 1" in (tmp_path / "results.md").read_text()

@@ -26,6 +26,7 @@ from torch import nn
 from lpt_peft.data.long_tail import LongTailDataset
 from lpt_peft.training.arguments import LPTTrainingArguments
 from lpt_peft.training.data import dataset_labels
+from lpt_peft.training.recipe import BEST_PHASE_ROW
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -386,6 +387,28 @@ def _earlier_run(output_dir: Path, phases: Sequence[int]) -> list[Path]:
     return found
 
 
+def _drop_result_rows(output_dir: Path, names: Sequence[str]) -> None:
+    """Remove `names` from the result files, so an interrupted rerun leaves no row of an adapter it deleted."""
+    for file_name in _RESULT_FILES:
+        path = output_dir / file_name
+        if path.suffix != ".json" or not path.is_file():
+            continue
+        rows = json.loads(path.read_text())
+        if any(name in rows for name in names):
+            _atomic_write_text(path, json.dumps({k: v for k, v in rows.items() if k not in names}, indent=2))
+    results = output_dir / "results.json"
+    if not results.is_file():
+        return
+    rows = json.loads(results.read_text())
+    if not rows:
+        results.unlink()
+        (output_dir / "results.md").unlink(missing_ok=True)
+        return
+    from lpt_peft.evaluation.metrics import format_results_table
+
+    _atomic_write_text(output_dir / "results.md", format_results_table(rows) + "\n")
+
+
 def check_output_dir(output_dir: Path, phases: Sequence[int], overwrite: bool, accelerator: Accelerator) -> None:
     """A fresh run refuses an output folder holding adapters or checkpoints of the phases it trains (a phase-2 run
     next to its phase-1 adapter is fine); with `overwrite`, the main process removes them (and, for a run that
@@ -408,9 +431,11 @@ def check_output_dir(output_dir: Path, phases: Sequence[int], overwrite: bool, a
     if accelerator.is_main_process:
         for path in found:
             shutil.rmtree(path, ignore_errors=True)
-        if found and 1 in phases:  # a phase-2 run keeps the phase-1 rows; its own rows replace the old ones by name
+        if found and 1 in phases:
             for name in _RESULT_FILES:
                 (Path(output_dir) / name).unlink(missing_ok=True)
+        elif found:  # a phase-2 run keeps the phase-1 rows, but not those of the adapter it replaces
+            _drop_result_rows(Path(output_dir), [f"LPT phase {phase}" for phase in phases] + [BEST_PHASE_ROW])
         pointer = Path(output_dir) / CHECKPOINT_DIR / LATEST_FILE
         pointer.unlink(missing_ok=True)
     accelerator.wait_for_everyone()

@@ -355,14 +355,19 @@ def best_phase_by_validation(rows: dict[str, dict[str, Any]]) -> int | None:
     validation split, never the test set. A tie goes to phase 2.
 
     Args:
-        rows: Method name -> result row, as in results.json; reads `best_val_overall` of `"LPT phase 1"` and
-            `"LPT phase 2"`.
+        rows: Method name -> result row, as in results.json; reads `best_val_overall` and `validation_data` (the
+            fingerprint of the data options the phase was validated on) of `"LPT phase 1"` and `"LPT phase 2"`.
 
     Returns:
-        `1` or `2`; None when a phase or its validation score is missing (a single-phase run, no validation split).
+        `1` or `2`; None when a phase or its validation score is missing (a single-phase run, no validation split)
+        or the two phases were validated on different data (a phase-2 rerun with other data options), whose scores
+        do not compare.
     """
-    scores = [rows.get(f"LPT phase {phase}", {}).get("best_val_overall") for phase in (1, 2)]
+    phase_rows = [rows.get(f"LPT phase {phase}", {}) for phase in (1, 2)]
+    scores = [row.get("best_val_overall") for row in phase_rows]
     if any(score is None or math.isnan(score) for score in scores):
+        return None
+    if phase_rows[0].get("validation_data") != phase_rows[1].get("validation_data"):
         return None
     return 1 if scores[0] > scores[1] else 2
 

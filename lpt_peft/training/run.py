@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -188,6 +189,12 @@ def _data_options(args: LPTTrainingArguments) -> dict[str, Any]:
     return {k: _absolute_if_local(v) for k, v in options.items() if k not in _NOT_DATA_DEFINING}
 
 
+def _data_fingerprint(args: LPTTrainingArguments) -> str:
+    """A short hash of the data-defining options (`_data_options`): equal for runs on the same splits."""
+    text = json.dumps(_data_options(args), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _absolute_if_local(value: Any) -> Any:
     """A local file or folder as an absolute path, so the record holds from any working directory."""
     if isinstance(value, (str, os.PathLike)) and os.path.exists(value):
@@ -233,6 +240,12 @@ def _refresh_best_phase(path: Path, rows: dict[str, dict[str, Any]]) -> dict[str
     choice to make (no phase-1 row, no validation scores) a row left by an earlier run is removed, not kept stale."""
     phase = best_phase_by_validation(rows)
     if phase is None:
+        if all(f"LPT phase {p}" in rows for p in (1, 2)):
+            logger.warning(
+                "No best phase chosen: the phase-1 and phase-2 rows of %s were not validated on the same data (or "
+                "not at all, or the phase-1 row predates the record), so their scores do not compare. Train both "
+                "phases in one run to get the choice.", path
+            )
         if BEST_PHASE_ROW in rows:
             rows = {name: row for name, row in rows.items() if name != BEST_PHASE_ROW}
             _atomic_write_text(path, json.dumps(rows, indent=2, allow_nan=True))
@@ -435,6 +448,8 @@ def _recipe_summary(phase: int, phase_args: LPTTrainingArguments, selection) -> 
         "recipe": phase_args.recipe,
         "epochs": getattr(phase_args, f"epochs_phase{phase}"),
         "learning_rate": phase_args.learning_rate,
+        # Which data the phase was validated on: phases are compared on validation only if this matches.
+        "validation_data": _data_fingerprint(phase_args),
     }
     if selection is not None:
         summary["learning_rate_selection"] = selection.to_dict()
