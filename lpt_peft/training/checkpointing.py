@@ -389,24 +389,23 @@ def _earlier_run(output_dir: Path, phases: Sequence[int]) -> list[Path]:
 
 def _drop_result_rows(output_dir: Path, names: Sequence[str]) -> None:
     """Remove `names` from the result files, so an interrupted rerun leaves no row of an adapter it deleted."""
+    from lpt_peft.evaluation.metrics import save_results
+
     for file_name in _RESULT_FILES:
         path = output_dir / file_name
         if path.suffix != ".json" or not path.is_file():
             continue
         rows = json.loads(path.read_text())
-        if any(name in rows for name in names):
-            _atomic_write_text(path, json.dumps({k: v for k, v in rows.items() if k not in names}, indent=2))
-    results = output_dir / "results.json"
-    if not results.is_file():
-        return
-    rows = json.loads(results.read_text())
-    if not rows:
-        results.unlink()
-        (output_dir / "results.md").unlink(missing_ok=True)
-        return
-    from lpt_peft.evaluation.metrics import format_results_table
-
-    _atomic_write_text(output_dir / "results.md", format_results_table(rows) + "\n")
+        kept = {name: row for name, row in rows.items() if name not in names}
+        if kept == rows:
+            continue
+        if file_name != "results.json":
+            _atomic_write_text(path, json.dumps(kept, indent=2))
+        elif kept:
+            save_results(kept, output_dir)  # the table in results.md too
+        else:
+            path.unlink()
+            (output_dir / "results.md").unlink(missing_ok=True)
 
 
 def check_output_dir(output_dir: Path, phases: Sequence[int], overwrite: bool, accelerator: Accelerator) -> None:

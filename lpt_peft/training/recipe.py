@@ -356,11 +356,11 @@ def best_phase_by_validation(rows: dict[str, dict[str, Any]]) -> int | None:
 
     Args:
         rows: Method name -> result row, as in results.json; reads `best_val_overall` and `validation_data` (the
-            fingerprint of the data options the phase was validated on) of `"LPT phase 1"` and `"LPT phase 2"`.
+            fingerprint of the validation split the phase was scored on) of `"LPT phase 1"` and `"LPT phase 2"`.
 
     Returns:
         `1` or `2`; None when a phase or its validation score is missing (a single-phase run, no validation split)
-        or the two phases were validated on different data (a phase-2 rerun with other data options), whose scores
+        or the two phases were validated on different splits (a phase-2 rerun with other data options), whose scores
         do not compare.
     """
     phase_rows = [rows.get(f"LPT phase {phase}", {}) for phase in (1, 2)]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -189,12 +188,6 @@ def _data_options(args: LPTTrainingArguments) -> dict[str, Any]:
     return {k: _absolute_if_local(v) for k, v in options.items() if k not in _NOT_DATA_DEFINING}
 
 
-def _data_fingerprint(args: LPTTrainingArguments) -> str:
-    """A short hash of the data-defining options (`_data_options`): equal for runs on the same splits."""
-    text = json.dumps(_data_options(args), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def _absolute_if_local(value: Any) -> Any:
     """A local file or folder as an absolute path, so the record holds from any working directory."""
     if isinstance(value, (str, os.PathLike)) and os.path.exists(value):
@@ -210,7 +203,7 @@ def _report_phase(model, name: str, result, best, data, args) -> dict[str, dict[
     output_dir = Path(args.output_dir)
     rows = _merge_json(output_dir / "results.json", {name: {**_summary(result), **best}})
     if name == "LPT phase 2":
-        rows = _refresh_best_phase(output_dir / "results.json", rows)
+        rows = _with_best_phase(rows, output_dir)
     # The card of the pushed/saved adapter shows the test table of this run.
     model.base_model.card_info["results_markdown"] = format_results_table(rows)
     model.base_model.card_info["results"] = rows  # the card's model-index takes this adapter's row from here
@@ -234,26 +227,24 @@ def _report_phase(model, name: str, result, best, data, args) -> dict[str, dict[
     return rows
 
 
-def _refresh_best_phase(path: Path, rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Write the row of the phase chosen on validation (`BEST_PHASE_ROW`, with its `phase`) from the folder's phase
-    rows, and log it. A phase-2 run keeps the folder's phase-1 row, so the choice is made again from both; with no
-    choice to make (no phase-1 row, no validation scores) a row left by an earlier run is removed, not kept stale."""
+def _with_best_phase(rows: dict[str, dict[str, Any]], output_dir: Path) -> dict[str, dict[str, Any]]:
+    """`rows` with the row of the phase chosen on validation (`BEST_PHASE_ROW`, with its `phase`), made from the
+    folder's phase rows, and logged. A phase-2 run keeps the folder's phase-1 row, so the choice is made again from
+    both; with no choice to make (no phase-1 row or validation scores, or other validation data) a row left by an
+    earlier run is dropped, not kept stale."""
+    rows = {name: row for name, row in rows.items() if name != BEST_PHASE_ROW}
     phase = best_phase_by_validation(rows)
     if phase is None:
         if all(f"LPT phase {p}" in rows for p in (1, 2)):
             logger.warning(
-                "No best phase chosen: the phase-1 and phase-2 rows of %s were not validated on the same data (or "
+                "No best phase chosen: the phase-1 and phase-2 rows in %s were not validated on the same data (or "
                 "not at all, or the phase-1 row predates the record), so their scores do not compare. Train both "
-                "phases in one run to get the choice.", path
+                "phases in one run to get the choice.", output_dir
             )
-        if BEST_PHASE_ROW in rows:
-            rows = {name: row for name, row in rows.items() if name != BEST_PHASE_ROW}
-            _atomic_write_text(path, json.dumps(rows, indent=2, allow_nan=True))
         return rows
     scores = ", ".join(f"phase {p} {rows[f'LPT phase {p}']['best_val_overall']:.2f}%" for p in (1, 2))
-    adapter = path.parent / f"phase{phase}"
-    logger.info("Best phase on validation: phase %d (%s); its adapter: %s", phase, scores, adapter)
-    return _merge_json(path, {BEST_PHASE_ROW: {**rows[f"LPT phase {phase}"], "phase": phase}})
+    logger.info("Best phase on validation: phase %d (%s); adapter: %s", phase, scores, output_dir / f"phase{phase}")
+    return {**rows, BEST_PHASE_ROW: {**rows[f"LPT phase {phase}"], "phase": phase}}
 
 
 def _prepare_model(args, data, accelerator, resume_dir) -> PeftModel:
@@ -320,7 +311,7 @@ def run_training(args: LPTTrainingArguments, data: LongTailDataset | None = None
         best, phase_args, selection = _train_phase_guarded(
             model, phase, data, phase_args, selection, accelerator, checkpoints, state, resume_here, callbacks
         )
-        best = {**best, **_recipe_summary(phase, phase_args, selection)}
+        best = {**best, **_recipe_summary(phase, phase_args, selection, record["val_data"])}
         save_adapter(model, output_dir / f"phase{phase}", accelerator)
         num_groups = model.peft_config[model.active_adapter].num_groups if phase == 2 else None
         result = evaluate(
@@ -442,14 +433,15 @@ def _set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def _recipe_summary(phase: int, phase_args: LPTTrainingArguments, selection) -> dict[str, Any]:
-    """What results.json records of a phase's recipe: the preset, the epochs and the learning rate trained."""
+def _recipe_summary(phase: int, phase_args: LPTTrainingArguments, selection, val_data: str | None) -> dict[str, Any]:
+    """What results.json records of a phase's recipe: the preset, the epochs, the learning rate trained and the
+    fingerprint of the validation split its epoch was chosen on (`val_data` of the run record)."""
     summary: dict[str, Any] = {
         "recipe": phase_args.recipe,
         "epochs": getattr(phase_args, f"epochs_phase{phase}"),
         "learning_rate": phase_args.learning_rate,
-        # Which data the phase was validated on: phases are compared on validation only if this matches.
-        "validation_data": _data_fingerprint(phase_args),
+        # Phases are compared on validation only if this matches (recipe.best_phase_by_validation).
+        "validation_data": val_data,
     }
     if selection is not None:
         summary["learning_rate_selection"] = selection.to_dict()
