@@ -7,12 +7,13 @@ numerical gradient, the frozen ViT's own operator counts, and the plain LayerNor
 import pytest
 import torch
 import torch.nn.functional as F
-from testing_utils import TEST_CASES, make_model, pixels
+from testing_utils import TEST_CASES, labels, make_model, pixels, training_loss
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+import lpt_peft.tuner.layer as layer_module
 from lpt_peft import LPTAttention
-from lpt_peft.tuner.layer import _compute_dtype, _pad_attention_mask, _ProjectAfterPrompts
+from lpt_peft.tuner.layer import _compute_dtype, _num_null_keys, _pad_attention_mask, _ProjectAfterPrompts
 from lpt_peft.tuner.model import check_labels
 
 
@@ -21,8 +22,17 @@ def _reference(tokens, weight, bias, *prompt_rows):
     return torch.cat([rows.expand(batch, -1, -1) for rows in prompt_rows] + [F.linear(tokens, weight, bias)], dim=1)
 
 
+@pytest.fixture(params=["project_then_copy", "batched_out"])
+def projection_path(request, monkeypatch):
+    """Both ways the Function writes the token rows: `F.linear` + copy (CPU) and the batched matmul into the strided
+    rows (accelerators), each forced here on CPU."""
+    devices = ("cpu",) if request.param == "project_then_copy" else ()
+    monkeypatch.setattr(layer_module, "_PROJECT_THEN_COPY_DEVICES", devices)
+    return request.param
+
+
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_project_after_prompts_equals_cat_and_has_its_gradient(with_bias):
+def test_project_after_prompts_equals_cat_and_has_its_gradient(with_bias, projection_path):
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randn(3, 5, 4, dtype=torch.double, generator=gen, requires_grad=True)
     weight = torch.randn(6, 4, dtype=torch.double, generator=gen, requires_grad=True)
@@ -55,7 +65,7 @@ def _saved_bytes(fn, *args) -> int:
 
 
 @pytest.mark.parametrize("frozen", [True, False], ids=["frozen_projection", "trainable_projection"])
-def test_project_after_prompts_saves_no_more_than_linear_and_cat(frozen):
+def test_project_after_prompts_saves_no_more_than_linear_and_cat(frozen, projection_path):
     """Peak training memory: with a frozen projection (every LPT phase) the tokens must not be kept for the backward
     (F.linear does not keep them either); with a trainable one, the same tensors as F.linear. Gradients stay exact."""
     gen = torch.Generator().manual_seed(1)
@@ -104,6 +114,95 @@ def test_padded_attention_mask_lets_every_query_see_the_prompts(dtype):
     expected = torch.cat([torch.full((2, 1, 5, 3), pad_value, dtype=dtype), mask], dim=-1)
     assert torch.equal(_pad_attention_mask(mask, 3), expected)
     assert _pad_attention_mask(None, 3) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
+def test_padded_attention_mask_shuts_out_the_null_keys(dtype):
+    mask = torch.rand(2, 1, 5, 7, generator=torch.Generator().manual_seed(0)) > 0.5
+    mask = mask if dtype == torch.bool else torch.where(mask, 0.0, torch.finfo(dtype).min)
+    null_value, prompt_value = (False, True) if dtype == torch.bool else (torch.finfo(dtype).min, 0.0)
+    expected = torch.cat(
+        [torch.full((2, 1, 5, 2), null_value, dtype=dtype), torch.full((2, 1, 5, 3), prompt_value, dtype=dtype), mask],
+        dim=-1,
+    )
+    assert torch.equal(_pad_attention_mask(mask, 3, num_null=2), expected)
+    with pytest.raises(ValueError, match="Null keys need an attention mask"):
+        _pad_attention_mask(None, 3, num_null=2)
+
+
+def test_null_keys_round_cpu_sdpa_key_lengths_up_to_a_multiple_of_16():
+    tokens = torch.empty(2, 50, 8)
+    assert _num_null_keys("sdpa", tokens, 10) == 4  # phase 1: 10 + 50 = 60 keys -> 64
+    assert _num_null_keys("sdpa", tokens, 20) == 10  # phase 2's main tail: 70 -> 80
+    assert _num_null_keys("sdpa", tokens, 14) == 0  # already 64
+    assert _num_null_keys("eager", tokens, 10) == 0  # the eager path gets the keys as they are
+    assert _num_null_keys("sdpa", torch.empty(2, 50, 8, device="meta"), 10) == 0  # off CPU: no mask, no null keys
+
+
+def test_no_null_keys_where_they_would_change_or_slow_something(monkeypatch):
+    tokens = torch.empty(2, 50, 8)
+    assert _num_null_keys("sdpa", tokens, 10, dropout=0.1) == 0  # another random stream, and slower
+    assert _num_null_keys("sdpa", tokens.double(), 10) == 0  # float64: no faster
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the dtype the kernel computes in is what counts
+        assert _num_null_keys("sdpa", tokens.double(), 10) == 4
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)  # exported graphs run anywhere
+    assert _num_null_keys("sdpa", tokens, 10) == 0
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: False)
+    monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
+    assert _num_null_keys("sdpa", tokens, 10) == 0
+
+
+@pytest.mark.parametrize("case", [c for c in TEST_CASES if c.attn == "sdpa"], ids=lambda c: c.id)
+def test_null_keys_keep_a_padding_mask(case, monkeypatch):
+    """With a real padding mask the null columns are added to it, not put in its place: the logits equal those of the
+    unpadded key sequence, and the mask matters (the padded image's logits differ from the unmasked run)."""
+    mask = torch.ones(4, (16 // 4) ** 2 + 1, dtype=torch.long)
+    mask[1, 5:] = 0
+
+    def logits(multiple, attention_mask):
+        monkeypatch.setattr(layer_module, "_CPU_SDPA_KEY_MULTIPLE", multiple)
+        with torch.no_grad():
+            return make_model(case).eval()(pixel_values=pixels(), attention_mask=attention_mask).logits
+
+    expected = logits(0, mask)
+    torch.testing.assert_close(logits(16, mask), expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(logits(16, None)[1], expected[1], atol=1e-4)
+
+
+@pytest.mark.parametrize("case", [c for c in TEST_CASES if c.attn == "sdpa"], ids=lambda c: c.id)
+def test_null_keys_reach_sdpa_masked_and_change_nothing(case, monkeypatch):
+    """On CPU SDPA every key sequence is a multiple of 16 long, the extra keys are masked out, and logits and every
+    trainable gradient equal those of the unpadded key sequence (the reference: no null keys) to 1e-6."""
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, **kwargs):
+        seen.append((key.shape[-2], attn_mask))
+        return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    def run(multiple):
+        monkeypatch.setattr(layer_module, "_CPU_SDPA_KEY_MULTIPLE", multiple)
+        model = make_model(case)
+        output = model(pixel_values=pixels(), labels=labels())
+        loss = training_loss(output, case.phase)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return output.logits.detach(), torch.autograd.grad(loss, trainable)
+
+    expected_logits, expected_grads = run(0)
+    with monkeypatch.context() as patch:
+        patch.setattr(F, "scaled_dot_product_attention", spy)
+        logits, grads = run(16)
+    assert seen and all(length % 16 == 0 for length, _ in seen)
+    for length, mask in seen:
+        assert mask is not None and mask.dtype == torch.bool and mask.shape[-1] == length
+        row = mask.reshape(-1, length)[0]
+        num_null = int((~row).sum())
+        # The null keys come first (fewer than 16 of them); prompts and tokens after them are all visible.
+        assert num_null < 16 and not row[:num_null].any() and row[num_null:].all()
+        assert torch.equal(mask.reshape(-1, length), row.expand(mask.reshape(-1, length).shape[0], -1))
+    torch.testing.assert_close(logits, expected_logits, rtol=0, atol=1e-6)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
 class _WrappedLinear(nn.Linear):

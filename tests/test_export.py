@@ -125,6 +125,23 @@ def test_program_takes_the_traceable_attention_path(exported):
     assert targets.count("aten.cat.default") >= 2 * layer_passes
 
 
+def test_program_keeps_the_key_lengths_of_the_method(exported):
+    """The masked null keys that round key lengths up for PyTorch's CPU kernel stay out of exported graphs, which run
+    anywhere: every attention in the program sees prompts + tokens keys (shared prompts, plus the group prompts in
+    phase 2's main pass)."""
+    phase, model, _, program, _ = exported
+    config = model.peft_config["default"]
+    tokens = (16 // model.base_model.model.config.patch_size) ** 2 + 1
+    expected = {config.prompt_length + tokens}
+    if phase == 2:
+        expected.add(config.prompt_length + config.group_prompt_length + tokens)
+    lengths = set()
+    for node in program.graph.nodes:
+        if node.op == "call_function" and "scaled_dot_product" in str(node.target):
+            lengths.add(node.args[1].meta["val"].shape[-2])
+    assert lengths == expected
+
+
 @needs_onnx
 def test_onnx_gives_the_models_logits_at_every_batch_size(exported):
     import onnxruntime
