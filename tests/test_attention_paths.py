@@ -195,11 +195,12 @@ def test_null_keys_reach_sdpa_masked_and_change_nothing(case, monkeypatch):
     assert seen and all(length % 16 == 0 for length, _ in seen)
     for length, mask in seen:
         assert mask is not None and mask.dtype == torch.bool and mask.shape[-1] == length
-        row = mask.reshape(-1, length)[0]
+        rows = mask.reshape(-1, length)
+        row = rows[0]
         num_null = int((~row).sum())
         # The null keys come first (fewer than 16 of them); prompts and tokens after them are all visible.
         assert num_null < 16 and not row[:num_null].any() and row[num_null:].all()
-        assert torch.equal(mask.reshape(-1, length), row.expand(mask.reshape(-1, length).shape[0], -1))
+        assert torch.equal(rows, row.expand_as(rows))
     torch.testing.assert_close(logits, expected_logits, rtol=0, atol=1e-6)
     for got, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
